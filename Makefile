@@ -1,0 +1,49 @@
+# dsv3 — the DeepSeek-V3 recipe, end to end.  `make setup`, `make test`, then `make pipeline`.
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+RECIPE  ?= recipes/tiny.yaml
+RUNS    ?= runs
+SET     ?=
+DSV3    := $(BIN)/dsv3
+export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
+STAGES  := tokenizer pretrain extend sft reward rl
+
+.PHONY: setup test test-all lint pipeline ui clean-runs help $(STAGES)
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv and install everything (torch 2.13.0 CPU first)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test:  ## run the test suite (fast: a few minutes on 2 cores)
+	$(BIN)/pytest
+
+lint:  ## ruff
+	$(BIN)/ruff check dsv3 flows tests benchmarks
+
+pipeline:  ## run every stage of $(RECIPE) through the Prefect flow
+	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(SET)
+
+$(STAGES):  ## run the flow up to that stage (reusing finished ones)
+	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) --until $@ $(SET)
+
+ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)
+	@mkdir -p $(RUNS)
+	@echo "Prefect UI: http://127.0.0.1:4200"
+	@echo "MLflow UI:  http://127.0.0.1:5000"
+	@trap 'kill 0' INT TERM EXIT; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port 5000 \
+		> $(RUNS)/mlflow-ui.log 2>&1 & \
+	wait
+
+clean-runs:  ## delete every run, the MLflow database and the Prefect state under $(RUNS)
+	rm -rf $(RUNS)

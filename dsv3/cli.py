@@ -1,0 +1,125 @@
+"""The `dsv3` command line.
+
+    dsv3 run --recipe recipes/tiny.yaml [--until STAGE] [--set key=value ...]   the pipeline (Prefect flow)
+    dsv3 recipe recipes/tiny.yaml [--set key=value ...]                          print the resolved recipe
+    dsv3 export-hf CKPT OUT / dsv3 import-hf SRC OUT                             transformers interop
+
+Bad input (a recipe, a path, a checkpoint) ends with one line on stderr naming what is wrong, exit code 2.
+Set DSV3_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from dsv3.config import STAGE_ORDER, RecipeError, load_recipe
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except (RecipeError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("DSV3_DEBUG"):
+            raise
+        print(f"dsv3: error: {err}".splitlines()[0], file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("dsv3: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv3", description="The DeepSeek-V3 training recipe, end to end, from one command."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the pipeline (Prefect flow) for a recipe",
+        description="Run the recipe's stages in order through the Prefect flow. Finished stages whose recipe "
+        "sections and inputs are unchanged are skipped; a stage that stopped part-way resumes.",
+    )
+    run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")
+    run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+    _add_set(run)
+    run.add_argument("--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)")
+    run.set_defaults(handler=_run)
+
+    show = sub.add_parser("recipe", help="validate a recipe and print it resolved (bases and --set applied)")
+    show.add_argument("recipe", help="recipe YAML")
+    _add_set(show)
+    show.set_defaults(handler=_show_recipe)
+
+    export = sub.add_parser(
+        "export-hf",
+        help="write a checkpoint as a transformers deepseek_v3 directory",
+        description="Convert a dsv3 save_pretrained directory into one that "
+        "transformers.AutoModelForCausalLM.from_pretrained loads as deepseek_v3 (MTP layers after the last layer).",
+    )
+    export.add_argument("ckpt", help="dsv3 checkpoint directory (save_pretrained output)")
+    export.add_argument("out", help="output directory")
+    export.set_defaults(handler=_export_hf)
+
+    imp = sub.add_parser(
+        "import-hf",
+        help="read a transformers deepseek_v3 directory into a dsv3 checkpoint",
+        description="Convert a transformers / DeepSeek deepseek_v3 directory into a dsv3 checkpoint.",
+    )
+    imp.add_argument("src", help="deepseek_v3 directory (config.json + safetensors)")
+    imp.add_argument("out", help="output directory")
+    imp.set_defaults(handler=_import_hf)
+    return parser
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set pretrain.lr=3e-4 (repeatable; values parsed as YAML)",
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    load_recipe(args.recipe, args.overrides)  # fail fast, before Prefect starts
+    runs_dir = Path(args.runs_dir).resolve()
+    os.environ.setdefault("PREFECT_HOME", str(runs_dir / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    from flows.pipeline import pipeline
+
+    pipeline(recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=str(runs_dir))
+
+
+def _show_recipe(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+
+
+def _export_hf(args: argparse.Namespace) -> None:
+    from dsv3.model.hf import export_hf
+
+    export_hf(args.ckpt, args.out)
+    print(f"wrote {args.out}")
+
+
+def _import_hf(args: argparse.Namespace) -> None:
+    from dsv3.model.hf import import_hf
+
+    import_hf(args.src, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

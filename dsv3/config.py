@@ -1,0 +1,283 @@
+"""Recipes: typed, validated YAML describing one run of the pipeline.
+
+A recipe is a YAML file whose top-level sections configure the stages (`data`, `tokenizer`, `model`,
+`pretrain`, ...). A recipe may build on another with `base: other.yaml` (resolved relative to the file)
+so ablations are small overlays, and any value can be overridden from the command line with
+`--set section.key=value`. Everything is validated by the pydantic schema below: an unknown key, a wrong
+type or an out-of-range value raises `RecipeError` with one line naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGE_ORDER = ("tokenizer", "pretrain", "extend", "sft", "reward", "rl")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the key and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataSection(Section):
+    """Where the training text comes from and how it is cut into sequences (PAPER.md, "Pretraining")."""
+
+    source: Literal["stdlib", "local", "hf"] = "stdlib"
+    paths: list[str] = Field(default_factory=list, description="files or folders for source=local")
+    hf_name: str | None = Field(None, description="dataset name (or local dataset folder) for source=hf")
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    max_bytes: int = Field(4_000_000, gt=0, description="cap on the corpus size in bytes")
+    max_documents: int | None = Field(None, gt=0)
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    seq_len: int = Field(256, ge=8, le=1_048_576)
+    fim_rate: float = Field(0.1, ge=0, le=1, description="fraction of documents turned into PSM FIM")
+    split_punctuation_rate: float = Field(
+        0.1, ge=0, le=1, description="fraction of punctuation+line-break tokens split when encoding"
+    )
+
+    @model_validator(mode="after")
+    def _source_needs_its_location(self) -> DataSection:
+        if self.source == "local" and not self.paths:
+            raise ValueError("data.paths: source=local needs at least one file or folder")
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("data.hf_name: source=hf needs a dataset name or local dataset folder")
+        return self
+
+
+class TokenizerSection(Section):
+    """Byte-level BPE (PAPER.md, "Model": vocab) trained on the training split."""
+
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    max_training_bytes: int | None = Field(None, gt=0, description="train on at most this many bytes")
+
+
+class RopeScalingSection(Section):
+    """YaRN (arXiv 2309.00071) as transformers' `rope_scaling` with rope_type yarn."""
+
+    rope_type: Literal["yarn"] = "yarn"
+    factor: float = Field(gt=1)
+    original_max_position_embeddings: int = Field(gt=0)
+    beta_fast: float = Field(32.0, gt=0)
+    beta_slow: float = Field(1.0, gt=0)
+    mscale: float = Field(1.0, ge=0)
+    mscale_all_dim: float = Field(1.0, ge=0)
+
+
+class ModelSection(Section):
+    """The network; field names as transformers' DeepseekV3Config (PAPER.md, "Model")."""
+
+    vocab_size: int | None = Field(None, gt=0, description="null = the tokenizer's vocabulary size")
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="width of the dense FFN layers")
+    moe_intermediate_size: int = Field(gt=0, description="width of each expert")
+    num_hidden_layers: int = Field(gt=0)
+    first_k_dense_replace: int = Field(ge=0)
+    num_attention_heads: int = Field(gt=0)
+    q_lora_rank: int | None = Field(None, gt=0, description="null = no query compression")
+    kv_lora_rank: int = Field(gt=0)
+    qk_nope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0)
+    n_routed_experts: int = Field(gt=0)
+    n_shared_experts: int = Field(ge=0)
+    num_experts_per_tok: int = Field(gt=0)
+    n_group: int = Field(1, gt=0)
+    topk_group: int = Field(1, gt=0)
+    routed_scaling_factor: float = Field(1.0, gt=0)
+    norm_topk_prob: bool = True
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    aux_loss_alpha: float = Field(1e-4, ge=0, description="weight of the sequence-wise balance loss")
+    num_nextn_predict_layers: int = Field(1, ge=0, description="MTP depth D")
+    max_position_embeddings: int = Field(gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScalingSection | None = None
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    initializer_range: float = Field(0.006, gt=0)
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _routing_is_consistent(self) -> ModelSection:
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError("model.first_k_dense_replace: must be at most model.num_hidden_layers")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError("model.n_group: must divide model.n_routed_experts")
+        if self.topk_group > self.n_group:
+            raise ValueError("model.topk_group: must be at most model.n_group")
+        per_group = self.n_routed_experts // self.n_group
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            raise ValueError(
+                "model.num_experts_per_tok: must be at most topk_group × experts per group "
+                f"({self.topk_group * per_group})"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError("model.qk_rope_head_dim: must be even (RoPE rotates pairs)")
+        return self
+
+
+class PipelineSection(Section):
+    """How the Prefect flow runs the stages."""
+
+    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: ["tokenizer"])  # type: ignore[valid-type]
+    retries: int = Field(0, ge=0, le=10, description="Prefect task retries per stage")
+    retry_delay_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _stages_in_recipe_order(self) -> PipelineSection:
+        order = [STAGE_ORDER.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"pipeline.stages: must be distinct and in the order {', '.join(STAGE_ORDER)}")
+        return self
+
+
+class Recipe(Section):
+    """A whole recipe: a name (the run folder under runs/), a seed, and one section per stage."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="letters, digits, _ . -")
+    seed: int = Field(0, ge=0)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    data: DataSection = Field(default_factory=DataSection)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    model: ModelSection | None = None
+
+    def section_hash(self, *names: str) -> str:
+        """sha256 over the named sections (and the seed), the key a stage's manifest is matched on."""
+        payload = {"seed": self.seed, **{n: _dump(getattr(self, n)) for n in names}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _dump(section: Any) -> Any:
+    return section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (following `base:` chains), apply `key=value` overrides and validate it."""
+    raw = _read_with_bases(Path(path), seen=())
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_recipe(raw)
+
+
+def validate_recipe(raw: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_one_line(err)) from None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; used for MLflow params and error messages."""
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump(mode="json")
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict | BaseModel) else {name: value})
+    return out
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"base: recipe {path.name} builds on itself ({' -> '.join(p.name for p in seen)})")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path} (pass an existing recipes/*.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path.name}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path.name}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"base: must be a file name relative to {path.parent}, got {base!r}")
+    return _deep_merge(_read_with_bases(path.parent / base, seen + (path,)), raw)
+
+
+def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3, 1e-3, true, null, [1,2])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set pretrain.lr=3e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    """The first validation error as `dotted.key: what is allowed (got value)`."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(first["loc"][:-1])
+        return f"{loc}: unknown key (allowed: {', '.join(allowed)})"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    if re.match(r"^[\w.]+: ", msg):  # a validator that already names its dotted key
+        return msg
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{loc or 'recipe'}: {msg}{shown}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _section_type(annotation: Any) -> Any:
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return annotation

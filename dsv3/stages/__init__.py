@@ -1,0 +1,41 @@
+"""Pipeline stages. Each stage is a module `dsv3.stages.<name>` exposing
+
+    SECTIONS: tuple[str, ...]   recipe sections whose values decide its output (hashed into its key)
+    INPUTS:   tuple[str, ...]   upstream stages whose outputs it reads
+    run(recipe, workdir, inputs) -> StageResult
+
+`workdir` is `runs/<recipe>/<stage>/`; `inputs` maps each upstream stage to its folder. A stage knows
+nothing of Prefect; the runner (`dsv3.stages.runner`) decides whether to skip, resume or rerun it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from dsv3.config import STAGE_ORDER
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: outputs later stages read, metrics, and artifacts (plots) to log."""
+
+    outputs: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+    summary: str = ""
+
+
+def available_stages() -> list[str]:
+    """The stages of STAGE_ORDER that are built, in order."""
+    return [name for name in STAGE_ORDER if importlib.util.find_spec(f"dsv3.stages.{name}") is not None]
+
+
+def get_stage(name: str) -> ModuleType:
+    if name not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
+    if name not in available_stages():
+        raise ValueError(f"stage {name!r} is not built yet (built: {', '.join(available_stages())})")
+    return importlib.import_module(f"dsv3.stages.{name}")

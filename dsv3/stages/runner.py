@@ -1,0 +1,139 @@
+"""Run one stage under the manifest contract: skip it, resume it, or run it from scratch.
+
+- completed, same key, outputs intact  -> skipped (the MLflow parent run is tagged with the producing run)
+- running/failed with the same key     -> resumed: the stage finds its own checkpoints in its folder
+- anything else (new key, corrupt or missing outputs, no manifest) -> the folder is cleared and it runs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import dsv3
+from dsv3.config import Recipe, flatten
+from dsv3.stages import StageResult, get_stage
+from dsv3.stages.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    StageKey,
+    hash_outputs,
+    is_trusted,
+    read_manifest,
+    write_manifest,
+)
+from dsv3.tracking import Tracker
+
+
+class StageInputError(RuntimeError):
+    """An upstream stage's output is missing or untrusted."""
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    action: Literal["ran", "resumed", "skipped"]
+    manifest: Manifest
+    workdir: Path
+    summary: str = ""
+
+
+def run_root(runs_dir: str | Path, recipe: Recipe) -> Path:
+    """`runs/<recipe name>/`: every stage's folder lives here."""
+    return Path(runs_dir).resolve() / recipe.name
+
+
+def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
+    """Hash of the stage's recipe sections, its inputs' output hashes, and its own source code."""
+    module = get_stage(name)
+    input_hashes = {}
+    for upstream in module.INPUTS:
+        manifest = read_manifest(root / upstream)
+        if manifest is None or manifest.status != "completed":
+            raise StageInputError(f"stage {name} needs the output of {upstream}: run the pipeline up to {upstream}")
+        input_hashes[upstream] = manifest.output_hash
+    code_hash = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+    return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, code_hash)
+
+
+def code_version() -> str:
+    """The git commit of the code (with -dirty for local changes), or the package version outside git."""
+    here = Path(dsv3.__file__).parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.CalledProcessError):
+        return f"dsv3-{dsv3.__version__}"
+
+
+def run_stage(name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker | None = None) -> StageOutcome:
+    """Skip, resume or run stage `name` of `recipe`, writing its manifest and tracking it."""
+    module = get_stage(name)
+    root = run_root(runs_dir, recipe)
+    workdir = root / name
+    key = stage_key(name, recipe, root)
+    previous = read_manifest(workdir)
+
+    if is_trusted(previous, key, workdir):
+        assert previous is not None
+        if tracker:
+            tracker.mark_reused(name, previous.mlflow_run_id)
+        return StageOutcome(name, "skipped", previous, workdir)
+
+    resuming = previous is not None and previous.key == key and previous.status in ("running", "failed")
+    if not resuming and workdir.exists():
+        shutil.rmtree(workdir)
+    manifest = Manifest(
+        stage=name,
+        status="running",
+        key=key,
+        code_version=code_version(),
+        started_at=time.time(),
+        attempts=previous.attempts + 1 if resuming and previous else 1,
+    )
+    inputs = {upstream: root / upstream for upstream in module.INPUTS}
+    params = {"seed": recipe.seed} | {k: v for s in module.SECTIONS for k, v in flatten(getattr(recipe, s), s).items()}
+
+    if tracker is None:
+        result = _execute(module, recipe, workdir, inputs, manifest)
+    else:
+        with tracker.stage_run(name, params) as run_id:
+            manifest.mlflow_run_id = run_id
+            result = _execute(module, recipe, workdir, inputs, manifest)
+            tracker.log_metrics(run_id, manifest.metrics)
+            tracker.log_artifact(run_id, workdir / MANIFEST_NAME)
+            for artifact in result.artifacts:
+                tracker.log_artifact(run_id, workdir / artifact, artifact_path="plots")
+    return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
+
+
+def _execute(module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest) -> StageResult:
+    write_manifest(workdir, manifest)
+    try:
+        result: StageResult = module.run(recipe, workdir, inputs)
+    except BaseException:
+        manifest.status = "failed"
+        manifest.finished_at = time.time()
+        write_manifest(workdir, manifest)
+        raise
+    manifest.outputs = hash_outputs(workdir, result.outputs)
+    manifest.metrics = {k: float(v) for k, v in result.metrics.items()}
+    manifest.finished_at = time.time()
+    manifest.metrics["stage_seconds"] = manifest.finished_at - (manifest.started_at or manifest.finished_at)
+    manifest.status = "completed"
+    write_manifest(workdir, manifest)
+    return result

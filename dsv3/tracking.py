@@ -1,0 +1,116 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+The store is `sqlite:///<absolute runs dir>/mlflow.db` unless MLFLOW_TRACKING_URI is set (MLflow 3's own
+default is a database in whatever folder you happen to be in, and Lightning's logger defaults to a `file:`
+store that MLflow 3 rejects, so the URI is always passed explicitly). Artifacts go next to the database in
+`<runs dir>/mlartifacts`.
+
+While a stage runs, MLFLOW_TRACKING_URI and MLFLOW_RUN_ID point at its nested run, so whatever the stage
+uses to log — Lightning's MLFlowLogger, transformers' MLflowCallback under TRL, a torchrun subprocess —
+lands in that run without the stage knowing about the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(runs_dir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else the sqlite database inside the runs folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def stage_run() -> tuple[str, str] | None:
+    """(tracking URI, run id) of the stage run in progress, for loggers inside a stage; None outside one."""
+    uri, run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
+    return (uri, run_id) if uri and run_id else None
+
+
+class Tracker:
+    """Creates the parent and nested runs of one pipeline run and logs into them."""
+
+    def __init__(self, runs_dir: str | Path, experiment: str):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri(self.runs_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment(experiment)
+        self.parent_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(name, artifact_location=(self.runs_dir / "mlartifacts").as_uri())
+
+    @contextmanager
+    def pipeline_run(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """The parent run; finished as FINISHED, or FAILED if the pipeline raised."""
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        self.parent_id = run.info.run_id
+        with self._terminated(self.parent_id):
+            yield self.parent_id
+
+    @contextmanager
+    def stage_run(self, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
+        """A nested run for one stage; the environment points at it while the stage runs."""
+        tags = {"dsv3.stage": stage}
+        if self.parent_id:
+            tags[PARENT_TAG] = self.parent_id
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+        os.environ.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_RUN_ID=run_id)
+        try:
+            with self._terminated(run_id):
+                yield run_id
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    @contextmanager
+    def _terminated(self, run_id: str) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def mark_reused(self, stage: str, run_id: str | None) -> None:
+        """A skipped stage: tag the parent run with the run that produced the outputs, log no duplicate."""
+        if self.parent_id:
+            self.client.log_batch(self.parent_id, tags=[RunTag(f"dsv3.reused.{stage}", run_id or "unknown")])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

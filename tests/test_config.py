@@ -1,0 +1,106 @@
+"""Recipes: bases, overrides, and one-line errors naming the dotted key (exit code 2 from the CLI)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dsv3.config import STAGE_ORDER, Recipe, RecipeError, flatten, load_recipe
+from tests.conftest import RECIPES, REPO
+
+
+@pytest.mark.parametrize("name", ["smoke", "tiny", "deepseek-v3"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert recipe.name == name
+
+
+def test_base_overlay_keeps_untouched_values():
+    tiny, smoke = load_recipe(RECIPES / "tiny.yaml"), load_recipe(RECIPES / "smoke.yaml")
+    assert smoke.model.hidden_size == 32 and tiny.model.hidden_size == 128
+    assert smoke.model.routed_scaling_factor == tiny.model.routed_scaling_factor  # inherited
+    assert smoke.data.fim_rate == tiny.data.fim_rate
+
+
+def test_set_overrides_parse_yaml_values():
+    recipe = load_recipe(
+        RECIPES / "smoke.yaml",
+        ["data.fim_rate=0.25", "model.q_lora_rank=null", "tokenizer.vocab_size=600", "pipeline.stages=[tokenizer]"],
+    )
+    assert recipe.data.fim_rate == 0.25 and recipe.model.q_lora_rank is None
+    assert recipe.tokenizer.vocab_size == 600
+
+
+def test_overlay_file(tmp_path):
+    (tmp_path / "base.yaml").write_text((RECIPES / "smoke.yaml").read_text().replace("base: tiny.yaml", f"base: {RECIPES / 'tiny.yaml'}"))
+    (tmp_path / "ablation.yaml").write_text("base: base.yaml\nname: abl\ndata:\n  fim_rate: 0.0\n")
+    recipe = load_recipe(tmp_path / "ablation.yaml")
+    assert recipe.name == "abl" and recipe.data.fim_rate == 0.0 and recipe.model.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.foo=1", "model.foo: unknown key (allowed: "),
+        ("bogus=1", "bogus: unknown key (allowed: data, model, name, pipeline, seed, tokenizer)"),
+        ("model.hidden_size=-1", "model.hidden_size: Input should be greater than 0 (got -1)"),
+        ("data.seq_len=abc", "data.seq_len: Input should be a valid integer"),
+        ("data.fim_rate=1.5", "data.fim_rate: Input should be less than or equal to 1"),
+        ("model.topk_group=5", "model.topk_group: must be at most model.n_group"),
+        ("model.n_group=3", "model.n_group: must divide model.n_routed_experts"),
+        ("model.scoring_func=relu", "model.scoring_func: Input should be 'sigmoid' or 'softmax'"),
+        ("data.source=local", "data.paths: source=local needs at least one file or folder"),
+        ("pipeline.stages=[pretrain,tokenizer]", "pipeline.stages: must be distinct and in the order"),
+        ("name=a b", "name: String should match pattern"),
+        ("model.hidden_size.x=1", "--set model.hidden_size.x: model.hidden_size is a value, not a section"),
+        ("noequals", "--set 'noequals': expected key=value"),
+    ],
+)
+def test_malformed_recipes_give_one_line(override, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "smoke.yaml", [override])
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text
+
+
+def test_bad_files(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: x\ndata: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: not valid YAML at line"):
+        load_recipe(bad_yaml)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\nname: loop\n")
+    with pytest.raises(RecipeError, match="builds on itself"):
+        load_recipe(loop)
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="a recipe is a mapping of sections"):
+        load_recipe(listing)
+
+
+def test_cli_exit_code_two_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv3.cli", "recipe", str(RECIPES / "smoke.yaml"), "--set", "model.hidden_size=0"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "dsv3: error: model.hidden_size: Input should be greater than 0 (got 0)"
+    assert "Traceback" not in proc.stderr
+
+
+def test_section_hash_changes_only_with_its_sections():
+    base = load_recipe(RECIPES / "smoke.yaml")
+    other_model = load_recipe(RECIPES / "smoke.yaml", ["model.hidden_size=64"])
+    other_seed = load_recipe(RECIPES / "smoke.yaml", ["seed=7"])
+    assert base.section_hash("data", "tokenizer") == other_model.section_hash("data", "tokenizer")
+    assert base.section_hash("model") != other_model.section_hash("model")
+    assert base.section_hash("data") != other_seed.section_hash("data")
+
+
+def test_flatten_and_stage_order():
+    flat = flatten(load_recipe(RECIPES / "smoke.yaml").data, "data")
+    assert flat["data.seq_len"] == 64 and all(k.startswith("data.") for k in flat)
+    assert STAGE_ORDER == ("tokenizer", "pretrain", "extend", "sft", "reward", "rl")
+    assert set(Recipe.model_fields) >= {"name", "seed", "pipeline", "data", "tokenizer", "model"}

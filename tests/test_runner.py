@@ -1,0 +1,150 @@
+"""The stage contract: skip when the manifest matches, rerun when outputs are missing or corrupt,
+rerun when the recipe changes, resume a stage killed part-way from its own checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from dsv3.config import load_recipe
+from dsv3.stages import StageResult, get_stage
+from dsv3.stages import runner as runner_module
+from dsv3.stages.manifest import MANIFEST_NAME, read_manifest
+from dsv3.stages.runner import StageInputError, run_stage
+from tests.conftest import RECIPES
+
+COUNTING_STAGE = textwrap.dedent(
+    '''
+    """A stage of N steps that checkpoints after each step and can be told to die part-way."""
+    import json, os, signal
+    from dsv3.stages import StageResult
+    SECTIONS = ("data",)
+    INPUTS = ()
+    CALLS = []
+
+    def run(recipe, workdir, inputs):
+        CALLS.append(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpt = workdir / "ckpt.json"
+        state = json.loads(ckpt.read_text()) if ckpt.exists() else {"step": 0, "total": 0, "resumed_at": None}
+        if state["step"]:
+            state["resumed_at"] = state["step"]
+        while state["step"] < 10:
+            state["step"] += 1
+            state["total"] += state["step"] * recipe.data.seq_len
+            ckpt.write_text(json.dumps(state))
+            if state["step"] == int(os.environ.get("DIE_AT_STEP", "0")):
+                os.kill(os.getpid(), signal.SIGKILL)
+        (workdir / "result.txt").write_text(str(state["total"]))
+        return StageResult(outputs=["result.txt"], metrics={"total": state["total"], "resumed_at": state["resumed_at"] or 0})
+    '''
+)
+
+
+def _stage_module(tmp_path):
+    path = tmp_path / "counting_stage.py"
+    path.write_text(COUNTING_STAGE)
+    module = types.ModuleType("counting_stage")
+    exec(compile(COUNTING_STAGE, str(path), "exec"), module.__dict__)
+    module.__file__ = str(path)
+    return module
+
+
+@pytest.fixture
+def stage(tmp_path, monkeypatch):
+    module = _stage_module(tmp_path)
+    monkeypatch.setattr(runner_module, "get_stage", lambda name: module)
+    monkeypatch.setattr(runner_module.inspect, "getsource", lambda m: COUNTING_STAGE)
+    return module
+
+
+def test_runs_then_skips(stage, runs_dir):
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    first = run_stage("tokenizer", recipe, runs_dir)
+    assert first.action == "ran" and first.manifest.status == "completed"
+    mtime = (first.workdir / "result.txt").stat().st_mtime_ns
+    second = run_stage("tokenizer", recipe, runs_dir)
+    assert second.action == "skipped" and len(stage.CALLS) == 1
+    assert (first.workdir / "result.txt").stat().st_mtime_ns == mtime  # nothing rewritten
+    assert second.manifest.metrics["total"] == sum(range(1, 11)) * 64
+
+
+def test_missing_or_corrupt_output_is_rerun(stage, runs_dir):
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    outcome = run_stage("tokenizer", recipe, runs_dir)
+    (outcome.workdir / "result.txt").write_text("tampered")
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+    (outcome.workdir / "result.txt").unlink()
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+    (outcome.workdir / MANIFEST_NAME).write_text("{not json")
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+    assert len(stage.CALLS) == 4
+
+
+def test_changed_recipe_section_reruns_from_scratch(stage, runs_dir):
+    run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs_dir)
+    changed = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["data.seq_len=32"]), runs_dir)
+    assert changed.action == "ran" and changed.manifest.metrics["total"] == sum(range(1, 11)) * 32
+    assert changed.manifest.metrics["resumed_at"] == 0
+    untouched = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["data.seq_len=32", "model.hidden_size=64"]), runs_dir)
+    assert untouched.action == "skipped"  # the model section is not one of this stage's sections
+
+
+def test_killed_stage_resumes_from_its_checkpoint(tmp_path, runs_dir):
+    """SIGKILL at step 4 of 10 in a child process; rerunning resumes at step 4 and reaches the same total."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f'''
+        import sys, types
+        sys.path.insert(0, {str(tmp_path)!r})
+        import counting_stage
+        from dsv3.config import load_recipe
+        from dsv3.stages import runner
+        runner.get_stage = lambda name: counting_stage
+        runner.inspect.getsource = lambda m: open(counting_stage.__file__).read()
+        runner.run_stage("tokenizer", load_recipe({str(RECIPES / "smoke.yaml")!r}), {str(runs_dir)!r})
+    '''))
+    (tmp_path / "counting_stage.py").write_text(COUNTING_STAGE)
+    env = os.environ | {"DIE_AT_STEP": "4"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    workdir = runs_dir / "smoke" / "tokenizer"
+    assert read_manifest(workdir).status == "running"
+    assert json.loads((workdir / "ckpt.json").read_text())["step"] == 4
+
+    env = os.environ | {"DIE_AT_STEP": "0"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(workdir)
+    assert manifest.status == "completed" and manifest.attempts == 2
+    assert manifest.metrics["resumed_at"] == 4
+    assert manifest.metrics["total"] == sum(range(1, 11)) * 64  # nothing lost, nothing counted twice
+
+
+def test_failed_stage_is_marked_failed(stage, runs_dir, monkeypatch):
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    monkeypatch.setattr(stage, "run", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage("tokenizer", recipe, runs_dir)
+    assert read_manifest(runs_dir / "smoke" / "tokenizer").status == "failed"
+
+
+def test_stage_without_its_input_is_refused(runs_dir):
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    downstream = types.SimpleNamespace(SECTIONS=("model",), INPUTS=("tokenizer",), run=lambda *a: StageResult([]))
+    runner_module_get = runner_module.get_stage
+    try:
+        runner_module.get_stage = lambda name: downstream
+        with pytest.raises(StageInputError, match="needs the output of tokenizer"):
+            run_stage("pretrain", recipe, runs_dir)
+    finally:
+        runner_module.get_stage = runner_module_get
+
+
+def test_unknown_stage():
+    with pytest.raises(ValueError, match="unknown stage 'pretrian'"):
+        get_stage("pretrian")
