@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")
     run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
     _add_set(run)
-    run.add_argument("--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)")
+    run.add_argument(
+        "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)"
+    )
     run.set_defaults(handler=_run)
 
     show = sub.add_parser("recipe", help="validate a recipe and print it resolved (bases and --set applied)")

@@ -52,7 +52,9 @@ def manifest_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 
 
 @task(cache_key_fn=manifest_cache_key, persist_result=True)
-def stage_task(stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str | None) -> dict[str, Any]:
+def stage_task(
+    stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str | None
+) -> dict[str, Any]:
     """Run one stage through the manifest runner, inside the pipeline's MLflow parent run."""
     parsed = Recipe.model_validate(recipe)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{parsed.name}")
@@ -62,7 +64,9 @@ def stage_task(stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id:
     get_run_logger().info("%s: %s in %s", stage, outcome.action, outcome.workdir)
     create_markdown_artifact(
         key=_artifact_key(f"{parsed.name}-{stage}"),
-        markdown=_stage_markdown(stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary),
+        markdown=_stage_markdown(
+            stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
+        ),
         description=f"{stage} stage of recipe {parsed.name}",
     )
     return {
@@ -88,7 +92,11 @@ def pipeline(
     tracker = Tracker(runs_dir, experiment=f"dsv3-{recipe.name}")
     logger = get_run_logger()
     results = []
-    tags = {"dsv3.recipe": recipe.name, "dsv3.recipe_path": str(recipe_path), "dsv3.code_version": code_version()}
+    tags = {
+        "dsv3.recipe": recipe.name,
+        "dsv3.recipe_path": str(recipe_path),
+        "dsv3.code_version": code_version(),
+    }
     with tracker.pipeline_run(f"pipeline-{recipe.name}", tags=tags) as parent_id:
         tracker.log_params(parent_id, flatten(recipe.pipeline, "pipeline") | {"seed": recipe.seed})
         for stage in stages:
@@ -103,7 +111,9 @@ def pipeline(
                 result = result | {"action": "skipped"}
                 tracker.mark_reused(stage, result["mlflow_run_id"])
             result["seconds"] = time.time() - started
-            logger.info("%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"])
+            logger.info(
+                "%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"]
+            )
             results.append(result)
     logger.info("outputs: %s", run_root(runs_dir, recipe))
     logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.uri, parent_id)
@@ -115,7 +125,9 @@ def stages_to_run(recipe: Recipe, until: str | None) -> list[str]:
     if until is None:
         return stages
     if until not in stages:
-        raise ValueError(f"--until {until}: not a stage of recipe {recipe.name} (stages: {', '.join(stages)})")
+        raise ValueError(
+            f"--until {until}: not a stage of recipe {recipe.name} (stages: {', '.join(stages)})"
+        )
     return stages[: stages.index(until) + 1]
 
 
@@ -123,7 +135,9 @@ def _artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def _stage_markdown(stage: str, action: str, workdir: Path, metrics: dict, run_id: str | None, summary: str) -> str:
+def _stage_markdown(
+    stage: str, action: str, workdir: Path, metrics: dict, run_id: str | None, summary: str
+) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
     return (
         f"# Stage `{stage}` — {action}\n\nOutputs: `{workdir}`  \nMLflow run: `{run_id}`\n\n"

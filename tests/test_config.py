@@ -25,14 +25,21 @@ def test_base_overlay_keeps_untouched_values():
 def test_set_overrides_parse_yaml_values():
     recipe = load_recipe(
         RECIPES / "smoke.yaml",
-        ["data.fim_rate=0.25", "model.q_lora_rank=null", "tokenizer.vocab_size=600", "pipeline.stages=[tokenizer]"],
+        [
+            "data.fim_rate=0.25",
+            "model.q_lora_rank=null",
+            "tokenizer.vocab_size=600",
+            "pipeline.stages=[tokenizer]",
+        ],
     )
     assert recipe.data.fim_rate == 0.25 and recipe.model.q_lora_rank is None
     assert recipe.tokenizer.vocab_size == 600
 
 
 def test_overlay_file(tmp_path):
-    (tmp_path / "base.yaml").write_text((RECIPES / "smoke.yaml").read_text().replace("base: tiny.yaml", f"base: {RECIPES / 'tiny.yaml'}"))
+    (tmp_path / "base.yaml").write_text(
+        (RECIPES / "smoke.yaml").read_text().replace("base: tiny.yaml", f"base: {RECIPES / 'tiny.yaml'}")
+    )
     (tmp_path / "ablation.yaml").write_text("base: base.yaml\nname: abl\ndata:\n  fim_rate: 0.0\n")
     recipe = load_recipe(tmp_path / "ablation.yaml")
     assert recipe.name == "abl" and recipe.data.fim_rate == 0.0 and recipe.model.hidden_size == 32
@@ -82,8 +89,18 @@ def test_bad_files(tmp_path):
 
 def test_cli_exit_code_two_and_no_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "dsv3.cli", "recipe", str(RECIPES / "smoke.yaml"), "--set", "model.hidden_size=0"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "dsv3.cli",
+            "recipe",
+            str(RECIPES / "smoke.yaml"),
+            "--set",
+            "model.hidden_size=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dsv3: error: model.hidden_size: Input should be greater than 0 (got 0)"

@@ -6,10 +6,10 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dsv3.config import load_recipe
 from dsv3.stages.manifest import read_manifest
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline, stages_to_run
-from dsv3.config import load_recipe
 from tests.conftest import RECIPES
 
 SMOKE = str(RECIPES / "smoke.yaml")

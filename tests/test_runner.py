@@ -91,14 +91,19 @@ def test_changed_recipe_section_reruns_from_scratch(stage, runs_dir):
     changed = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["data.seq_len=32"]), runs_dir)
     assert changed.action == "ran" and changed.manifest.metrics["total"] == sum(range(1, 11)) * 32
     assert changed.manifest.metrics["resumed_at"] == 0
-    untouched = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["data.seq_len=32", "model.hidden_size=64"]), runs_dir)
+    untouched = run_stage(
+        "tokenizer",
+        load_recipe(RECIPES / "smoke.yaml", ["data.seq_len=32", "model.hidden_size=64"]),
+        runs_dir,
+    )
     assert untouched.action == "skipped"  # the model section is not one of this stage's sections
 
 
 def test_killed_stage_resumes_from_its_checkpoint(tmp_path, runs_dir):
     """SIGKILL at step 4 of 10 in a child process; rerunning resumes at step 4 and reaches the same total."""
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(f'''
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, types
         sys.path.insert(0, {str(tmp_path)!r})
         import counting_stage
@@ -107,7 +112,8 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, runs_dir):
         runner.get_stage = lambda name: counting_stage
         runner.inspect.getsource = lambda m: open(counting_stage.__file__).read()
         runner.run_stage("tokenizer", load_recipe({str(RECIPES / "smoke.yaml")!r}), {str(runs_dir)!r})
-    '''))
+    """)
+    )
     (tmp_path / "counting_stage.py").write_text(COUNTING_STAGE)
     env = os.environ | {"DIE_AT_STEP": "4"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
@@ -135,7 +141,9 @@ def test_failed_stage_is_marked_failed(stage, runs_dir, monkeypatch):
 
 def test_stage_without_its_input_is_refused(runs_dir):
     recipe = load_recipe(RECIPES / "smoke.yaml")
-    downstream = types.SimpleNamespace(SECTIONS=("model",), INPUTS=("tokenizer",), run=lambda *a: StageResult([]))
+    downstream = types.SimpleNamespace(
+        SECTIONS=("model",), INPUTS=("tokenizer",), run=lambda *a: StageResult([])
+    )
     runner_module_get = runner_module.get_stage
     try:
         runner_module.get_stage = lambda name: downstream

@@ -19,7 +19,9 @@ def test_nested_stage_run_and_environment(tmp_path):
     tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
     assert stage_run() is None
     with tracker.pipeline_run("pipeline-test") as parent:
-        with tracker.stage_run("tokenizer", {"tokenizer.vocab_size": 512, "data.paths": ["a", "b"]}) as run_id:
+        with tracker.stage_run(
+            "tokenizer", {"tokenizer.vocab_size": 512, "data.paths": ["a", "b"]}
+        ) as run_id:
             assert stage_run() == (tracker.uri, run_id)
             assert os.environ["MLFLOW_RUN_ID"] == run_id
             tracker.log_metrics(run_id, {"bytes_per_token": 3.5})

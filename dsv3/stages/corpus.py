@@ -14,7 +14,10 @@ def recipe_corpus(data: DataSection) -> datasets.DatasetDict:
         return load_corpus("stdlib", max_bytes=data.max_bytes, validation_fraction=data.validation_fraction)
     if data.source == "local":
         return load_corpus(
-            "local", paths=data.paths, validation_fraction=data.validation_fraction, text_field=data.text_field
+            "local",
+            paths=data.paths,
+            validation_fraction=data.validation_fraction,
+            text_field=data.text_field,
         )
     return load_corpus(
         "hf",

@@ -56,7 +56,9 @@ def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
     for upstream in module.INPUTS:
         manifest = read_manifest(root / upstream)
         if manifest is None or manifest.status != "completed":
-            raise StageInputError(f"stage {name} needs the output of {upstream}: run the pipeline up to {upstream}")
+            raise StageInputError(
+                f"stage {name} needs the output of {upstream}: run the pipeline up to {upstream}"
+            )
         input_hashes[upstream] = manifest.output_hash
     code_hash = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
     return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, code_hash)
@@ -67,7 +69,10 @@ def code_version() -> str:
     here = Path(dsv3.__file__).parent
     try:
         sha = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
@@ -80,7 +85,9 @@ def code_version() -> str:
         return f"dsv3-{dsv3.__version__}"
 
 
-def run_stage(name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker | None = None) -> StageOutcome:
+def run_stage(
+    name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker | None = None
+) -> StageOutcome:
     """Skip, resume or run stage `name` of `recipe`, writing its manifest and tracking it."""
     module = get_stage(name)
     root = run_root(runs_dir, recipe)
@@ -106,7 +113,9 @@ def run_stage(name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker 
         attempts=previous.attempts + 1 if resuming and previous else 1,
     )
     inputs = {upstream: root / upstream for upstream in module.INPUTS}
-    params = {"seed": recipe.seed} | {k: v for s in module.SECTIONS for k, v in flatten(getattr(recipe, s), s).items()}
+    params = {"seed": recipe.seed} | {
+        k: v for s in module.SECTIONS for k, v in flatten(getattr(recipe, s), s).items()
+    }
 
     if tracker is None:
         result = _execute(module, recipe, workdir, inputs, manifest)
@@ -121,7 +130,9 @@ def run_stage(name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker 
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
 
 
-def _execute(module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest) -> StageResult:
+def _execute(
+    module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
+) -> StageResult:
     write_manifest(workdir, manifest)
     try:
         result: StageResult = module.run(recipe, workdir, inputs)
