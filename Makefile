@@ -13,6 +13,8 @@ STAGES  := tokenizer pretrain extend sft reward rl
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  make STAGE      run the flow up to STAGE, one of: $(STAGES)"
+	@echo "  variables: RECIPE=$(RECIPE) RUNS=$(RUNS) SET='--set key=value ...'"
 
 setup: $(VENV)/.installed  ## create .venv and install everything (torch 2.13.0 CPU first)
 
@@ -32,7 +34,7 @@ lint:  ## ruff
 pipeline:  ## run every stage of $(RECIPE) through the Prefect flow
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(SET)
 
-$(STAGES):  ## run the flow up to that stage (reusing finished ones)
+$(STAGES):
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) --until $@ $(SET)
 
 ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)

@@ -39,6 +39,7 @@ class Manifest:
     code_version: str
     outputs: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)  # plots etc., relative to the stage folder
     mlflow_run_id: str | None = None
     started_at: float | None = None
     finished_at: float | None = None

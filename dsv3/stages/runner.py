@@ -143,6 +143,7 @@ def _execute(
         raise
     manifest.outputs = hash_outputs(workdir, result.outputs)
     manifest.metrics = {k: float(v) for k, v in result.metrics.items()}
+    manifest.artifacts = list(result.artifacts)
     manifest.finished_at = time.time()
     manifest.metrics["stage_seconds"] = manifest.finished_at - (manifest.started_at or manifest.finished_at)
     manifest.status = "completed"
