@@ -3,6 +3,7 @@
     dsv3 run --recipe recipes/tiny.yaml [--until STAGE] [--set key=value ...]   the pipeline (Prefect flow)
     dsv3 recipe recipes/tiny.yaml [--set key=value ...]                          print the resolved recipe
     dsv3 export-hf CKPT OUT / dsv3 import-hf SRC OUT                             transformers interop
+    dsv3 report RUN [--runs-dir runs]                                            report card of a run
 
 Bad input (a recipe, a path, a checkpoint) ends with one line on stderr naming what is wrong, exit code 2.
 Set DSV3_DEBUG=1 to see the traceback instead.
@@ -80,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("src", help="deepseek_v3 directory (config.json + safetensors)")
     imp.add_argument("out", help="output directory")
     imp.set_defaults(handler=_import_hf)
+
+    report = sub.add_parser(
+        "report",
+        help="write the report card of a run (runs/<recipe>/report.md and report.html)",
+        description="Write runs/<recipe>/report.md and a self-contained report.html (plots embedded): "
+        "environment, a summary table, and per stage its status, time, tokens, metrics and plots. "
+        "Stages that have not run, or did not complete, are shown as missing, running or failed.",
+    )
+    report.add_argument(
+        "run",
+        metavar="RUN",
+        help="run folder (runs/<recipe>), or a recipe name or recipe YAML under --runs-dir",
+    )
+    report.add_argument(
+        "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)"
+    )
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -114,6 +132,13 @@ def _export_hf(args: argparse.Namespace) -> None:
 
     export_hf(args.ckpt, args.out)
     print(f"wrote {args.out}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from dsv3.report import resolve_run_dir, write_report
+
+    for path in write_report(resolve_run_dir(args.run, args.runs_dir)):
+        print(f"wrote {path}")
 
 
 def _import_hf(args: argparse.Namespace) -> None:

@@ -3,8 +3,9 @@
 Pure wiring of `dsv3.stages`: the runner decides skip / resume / rerun from each stage's manifest; this flow
 adds Prefect's view of it — retries from the recipe, a cache keyed on the manifest hashes (so a finished
 stage is not even entered in a later flow run, but only while its outputs are intact), and a markdown
-artifact per stage with its metrics. It runs with no Prefect server (ephemeral mode); when `make ui` has a
-server up, the same runs show there.
+artifact per stage with its metrics; at the end, the run's report card (`dsv3.report`) as a Prefect artifact
+and as files of the MLflow parent run. It runs with no Prefect server (ephemeral mode); when `make ui` has
+a server up, the same runs show there.
 
     python flows/pipeline.py --recipe recipes/tiny.yaml [--until tokenizer] [--set key=value ...]
 """
@@ -27,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 
 from dsv3.config import Recipe, flatten, load_recipe
+from dsv3.report import report_markdown, write_report
 from dsv3.stages.manifest import is_trusted, read_manifest
 from dsv3.stages.runner import StageInputError, code_version, run_root, run_stage, stage_key
 from dsv3.tracking import Tracker
@@ -115,6 +117,8 @@ def pipeline(
                 "%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"]
             )
             results.append(result)
+        if stages:
+            logger.info("report:  %s", publish_report(run_root(runs_dir, recipe), tracker, parent_id))
     logger.info("outputs: %s", run_root(runs_dir, recipe))
     logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.uri, parent_id)
     return results
@@ -129,6 +133,19 @@ def stages_to_run(recipe: Recipe, until: str | None) -> list[str]:
             f"--until {until}: not a stage of recipe {recipe.name} (stages: {', '.join(stages)})"
         )
     return stages[: stages.index(until) + 1]
+
+
+def publish_report(run_dir: Path, tracker: Tracker, parent_run_id: str) -> Path:
+    """Write the report card, show it as a Prefect markdown artifact, attach both files to the parent run."""
+    md_path, html_path = write_report(run_dir)
+    create_markdown_artifact(
+        key=_artifact_key(f"{run_dir.name}-report"),
+        markdown=report_markdown(run_dir, link_plots=False),
+        description=f"report card of {run_dir}; {html_path.name} there has the plots",
+    )
+    for path in (md_path, html_path):
+        tracker.log_artifact(parent_run_id, path)
+    return html_path
 
 
 def _artifact_key(text: str) -> str:

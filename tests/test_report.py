@@ -1,0 +1,156 @@
+"""The report card: every section present for a smoke run (a real tokenizer stage plus a hand-written
+pretrain manifest with a real PNG), missing / failed / running stages shown as such and never as zeros,
+plots embedded in the HTML, text escaped, and `dsv3 report` failing cleanly on a folder without a run."""
+
+import base64
+import re
+import time
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dsv3.cli import main  # noqa: E402
+from dsv3.config import STAGE_ORDER, load_recipe  # noqa: E402
+from dsv3.report import REPORT_HTML, REPORT_MD, key_metrics, token_counts, write_report  # noqa: E402
+from dsv3.stages.manifest import Manifest, StageKey, write_manifest  # noqa: E402
+from dsv3.stages.runner import run_stage  # noqa: E402
+from tests.conftest import RECIPES  # noqa: E402
+
+KEY = StageKey("recipe", {}, "code")
+ODD_NAME = "<b>x&y</b>|z"
+
+
+def _manifest(stage: str, status: str, seconds: float, **fields) -> Manifest:
+    now = time.time()
+    times = {"started_at": now - seconds, "finished_at": now if status != "running" else None}
+    return Manifest(stage, status, KEY, "abc1234", **times, **fields)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """runs/smoke: the real tokenizer stage, a completed pretrain with a plot, a failed sft, a running reward."""
+    runs = tmp_path_factory.mktemp("runs")
+    root = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs).workdir.parent
+    plots = root / "pretrain" / "plots"
+    plots.mkdir(parents=True)
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([4.0, 3.1, 2.7])
+    fig.savefig(plots / "loss curve.png")
+    plt.close(fig)
+    metrics = {"val_loss": 2.7182, "tokens_seen": 65536.0, "maxvio_global": 0.25, ODD_NAME: 1.5}
+    write_manifest(
+        root / "pretrain",
+        _manifest("pretrain", "completed", 125.0, metrics=metrics, artifacts=["plots/loss curve.png"]),
+    )
+    write_manifest(root / "sft", _manifest("sft", "failed", 7.0, attempts=2))
+    write_manifest(root / "reward", _manifest("reward", "running", 3.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(run) -> tuple[str, str]:
+    md_path, html_path = write_report(run)
+    assert (md_path, html_path) == (run / REPORT_MD, run / REPORT_HTML)
+    return md_path.read_text(), html_path.read_text()
+
+
+def _section(md: str, stage: str) -> str:
+    return md.split(f"## Stage: {stage}\n", 1)[1].split("\n## ", 1)[0].strip()
+
+
+def _summary_row(md: str, stage: str) -> list[str]:
+    row = next(line for line in md.splitlines() if line.startswith(f"| [{stage}]"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_every_section_is_present(report):
+    md, html = report
+    assert md.startswith("# Report card: smoke\n")
+    for heading in ["## Environment", "## Summary", *(f"## Stage: {s}" for s in STAGE_ORDER)]:
+        assert f"\n{heading}\n" in md
+    for stage in STAGE_ORDER:
+        assert f'<h2 id="stage-{stage}">Stage: {stage}</h2>' in html
+        assert f'href="#stage-{stage}"' in html  # the summary links to each section
+    for item in ("code version", "CPU", "RAM", "GPU", "Python", "torch", "lightning", "trl", "prefect"):
+        assert f"\n| {item} | " in md
+    assert "abc1234 (pretrain, sft, reward)" in md  # code versions read from the manifests
+
+
+def test_completed_stages_show_time_tokens_metrics(report):
+    md, _ = report
+    tokenizer = _summary_row(md, "tokenizer")
+    assert tokenizer[1] == "completed" and tokenizer[2].endswith(" s")
+    assert "bytes_per_token_validation" in tokenizer[4]  # the tokenizer stage's real metric
+    assert _summary_row(md, "pretrain") == [
+        "[pretrain](#stage-pretrain)",
+        "completed",
+        "2 min 05 s",
+        "65,536",
+        "val_loss 2.718 · maxvio_global 0.25",
+    ]
+    pretrain = _section(md, "pretrain")
+    assert "| tokens (tokens_seen) | 65,536 |" in pretrain
+    assert "| val_loss | 2.7182 |" in pretrain
+    assert "![pretrain/plots/loss curve.png](pretrain/plots/loss%20curve.png)" in pretrain
+
+
+def test_missing_stage_is_missing_not_zeros(report):
+    md, _ = report
+    for stage in ("extend", "rl"):
+        row = _summary_row(md, stage)
+        assert row[1:] == ["**missing**", "—", "—", "—"]
+        section = _section(md, stage)
+        assert section.startswith("**missing**")
+        assert not re.search(r"\b\d", section) and "| metric |" not in section
+
+
+def test_failed_and_running_stages_show_no_metrics(report):
+    md, _ = report
+    assert _summary_row(md, "sft")[1:] == ["**failed**", "7.0 s", "—", "—"]
+    assert _section(md, "sft").startswith("**failed** after 7.0 s (attempt 2)")
+    assert _summary_row(md, "reward")[1:] == ["**running**", "—", "—", "—"]
+    assert _section(md, "reward").startswith("**running** since ")
+    for stage in ("sft", "reward"):
+        assert "### Metrics" not in _section(md, stage)
+
+
+def test_html_embeds_plots_and_escapes_text(run, report):
+    _, html = report
+    match = re.search(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert match, "the pretrain plot is not embedded"
+    assert base64.b64decode(match.group(1)) == (run / "pretrain/plots/loss curve.png").read_bytes()
+    assert "<b>x" not in html
+    assert "<td>&lt;b&gt;x&amp;y&lt;/b&gt;|z</td>" in html  # the pipe stays in its cell
+
+
+def test_key_metrics_and_token_counts_pick_known_names():
+    metrics = {"lr": 1e-3, "passkey_accuracy_4x": 0.9, "val_loss": 3.0, "bytes_per_token": 4.0}
+    assert key_metrics(metrics) == ["val_loss", "passkey_accuracy_4x"]
+    assert key_metrics({"b": 1.0, "a": 2.0, "stage_seconds": 3.0}) == ["b", "a"]
+    counts = {"val_tokens": 1.0, "tokens_seen": 2.0, "bytes_per_token": 3.0, "tokens_per_second": 4.0}
+    assert token_counts(counts) == ["tokens_seen", "val_tokens"]
+
+
+def test_cli_report_by_recipe_name(run, capsys):
+    main(["report", "smoke", "--runs-dir", str(run.parent)])
+    assert capsys.readouterr().out.splitlines() == [f"wrote {run / REPORT_MD}", f"wrote {run / REPORT_HTML}"]
+
+
+def test_cli_report_without_manifests_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no stage manifest" in err
+    assert not (tmp_path / REPORT_MD).exists() and not (tmp_path / REPORT_HTML).exists()
+
+
+def test_cli_report_help_answers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: dsv3 report" in capsys.readouterr().out
