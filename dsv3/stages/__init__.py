@@ -1,7 +1,8 @@
 """Pipeline stages. Each stage is a module `dsv3.stages.<name>` exposing
 
     SECTIONS: tuple[str, ...]   recipe sections whose values decide its output (hashed into its key)
-    INPUTS:   tuple[str, ...]   upstream stages whose outputs it reads
+    INPUTS:   tuple[str, ...]   upstream stages whose outputs it reads — or, when that depends on the
+              recipe, a function `inputs(recipe) -> tuple[str, ...]` instead
     run(recipe, workdir, inputs) -> StageResult
 
 `workdir` is `runs/<recipe>/<stage>/`; `inputs` maps each upstream stage to its folder. A stage knows
@@ -31,6 +32,11 @@ class StageResult:
 def available_stages() -> list[str]:
     """The stages of STAGE_ORDER that are built, in order."""
     return [name for name in STAGE_ORDER if importlib.util.find_spec(f"dsv3.stages.{name}") is not None]
+
+
+def stage_inputs(module: ModuleType, recipe) -> tuple[str, ...]:
+    """The upstream stages `module` reads for this recipe."""
+    return tuple(module.inputs(recipe)) if hasattr(module, "inputs") else tuple(module.INPUTS)
 
 
 def get_stage(name: str) -> ModuleType:

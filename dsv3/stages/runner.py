@@ -18,7 +18,7 @@ from typing import Literal
 
 import dsv3
 from dsv3.config import Recipe, flatten
-from dsv3.stages import StageResult, get_stage
+from dsv3.stages import StageResult, get_stage, stage_inputs
 from dsv3.stages.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -53,7 +53,7 @@ def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
     """Hash of the stage's recipe sections, its inputs' output hashes, and its own source code."""
     module = get_stage(name)
     input_hashes = {}
-    for upstream in module.INPUTS:
+    for upstream in stage_inputs(module, recipe):
         manifest = read_manifest(root / upstream)
         if manifest is None or manifest.status != "completed":
             raise StageInputError(
@@ -112,7 +112,7 @@ def run_stage(
         started_at=time.time(),
         attempts=previous.attempts + 1 if resuming and previous else 1,
     )
-    inputs = {upstream: root / upstream for upstream in module.INPUTS}
+    inputs = {upstream: root / upstream for upstream in stage_inputs(module, recipe)}
     params = {"seed": recipe.seed} | {
         k: v for s in module.SECTIONS for k, v in flatten(getattr(recipe, s), s).items()
     }
