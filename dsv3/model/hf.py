@@ -1,0 +1,209 @@
+"""Conversion between dsv3 checkpoints and transformers' `deepseek_v3` directories (DeepSeek's naming).
+
+Our state dict already uses DeepSeek's HF names except for the routed experts, stored stacked for the grouped GEMM
+(`mlp.experts.gate_up_proj` (E, 2I, C), `mlp.experts.down_proj` (E, C, I)); a `deepseek_v3` directory holds them per
+expert (`mlp.experts.{j}.{gate,up,down}_proj.weight`), which transformers merges on load. MTP modules sit at
+`model.layers.{num_hidden_layers + k}` in both; on export they also get the copies of the embedding and head that
+DeepSeek's checkpoints carry (`embed_tokens`, `shared_head.head`), dropped again on import. The router bias stays fp32.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3Config
+
+from dsv3.model.model import DSV3Config, DSV3ForCausalLM
+
+SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_shared_experts",
+    "n_routed_experts",
+    "routed_scaling_factor",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "n_group",
+    "topk_group",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "norm_topk_prob",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_interleave",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+MTP_COPY_KEY = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
+
+
+def read_config_json(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: pass a save_pretrained directory")
+    return json.loads(path.read_text())
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {directory}: save the model with safetensors")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def to_deepseek_v3_config(config: DSV3Config) -> DeepseekV3Config:
+    """Our config as transformers' DeepseekV3Config; ValueError for what transformers cannot run."""
+    if config.scoring_func != "sigmoid":
+        raise ValueError(
+            f"scoring_func {config.scoring_func!r} cannot be exported: transformers' deepseek_v3 router is sigmoid only"
+        )
+    fields = {name: getattr(config, name) for name in SHARED_FIELDS}
+    fields["n_group"], fields["topk_group"] = config.n_group or 1, config.topk_group or 1
+    return DeepseekV3Config(
+        **fields,
+        num_mtp_layers=config.num_nextn_predict_layers,
+        architectures=["DeepseekV3ForCausalLM"],
+        scoring_func=config.scoring_func,
+        topk_method="noaux_tc",
+        aux_loss_alpha=config.aux_loss_alpha,
+    )
+
+
+def from_deepseek_v3_config(raw: dict, n_mtp_layers: int) -> DSV3Config:
+    """DSV3Config from a deepseek_v3 config.json dict (checked by check_importable)."""
+    config = DeepseekV3Config.from_dict(raw)
+    fields = {name: getattr(config, name) for name in SHARED_FIELDS}
+    fields["num_key_value_heads"] = config.num_attention_heads  # MLA expands every head from the latent
+    return DSV3Config(
+        **fields,
+        num_nextn_predict_layers=n_mtp_layers,
+        aux_loss_alpha=raw.get("aux_loss_alpha", 1e-4),
+    )
+
+
+def check_importable(raw: dict) -> None:
+    """ValueError for a config.json that dsv3 cannot import."""
+    if raw.get("model_type") != "deepseek_v3":
+        raise ValueError(
+            f"model_type {raw.get('model_type')!r} is not deepseek_v3: import-hf reads DeepSeek-V3 directories only"
+        )
+    if raw.get("quantization_config"):
+        raise ValueError(
+            "quantized (FP8 weight_scale_inv) checkpoints are not supported: dequantize to bf16 first"
+        )
+    if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError("only sigmoid scoring with noaux_tc (bias-based) top-k routing can be imported")
+    if "num_hidden_layers" not in raw:
+        raise ValueError("config.json has no num_hidden_layers")
+
+
+def unstack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked gate_up_proj (E, 2I, C) / down_proj (E, C, I) -> per-expert gate/up/down_proj weights."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key.removesuffix(".gate_up_proj")
+            for j, (gate, up) in enumerate(zip(*tensor.chunk(2, dim=1), strict=True)):
+                out[f"{prefix}.{j}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{j}.up_proj.weight"] = up.contiguous()
+        elif key.endswith(".mlp.experts.down_proj"):
+            prefix = key.removesuffix(".down_proj")
+            for j, down in enumerate(tensor):
+                out[f"{prefix}.{j}.down_proj.weight"] = down.contiguous()
+        else:
+            out[key] = tensor
+    return out
+
+
+def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert gate/up/down_proj weights -> stacked gate_up_proj / down_proj (already stacked ones pass)."""
+    out, experts = {}, {}
+    for key, tensor in state.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            prefix, j, name = match.groups()
+            experts.setdefault(prefix, {}).setdefault(name, {})[int(j)] = tensor
+        else:
+            out[key] = tensor
+    for prefix, weights in experts.items():
+        gate, up, down = (
+            torch.stack([weights[name][j] for j in sorted(weights[name])])
+            for name in ("gate_proj", "up_proj", "down_proj")
+        )
+        out[f"{prefix}.gate_up_proj"] = torch.cat((gate, up), dim=1)
+        out[f"{prefix}.down_proj"] = down
+    return out
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a transformers `deepseek_v3` directory (config.json + model.safetensors) from a dsv3 checkpoint."""
+    raw = read_config_json(ckpt_dir)
+    if raw.get("model_type") != "dsv3":
+        raise ValueError(f"{ckpt_dir} holds model_type {raw.get('model_type')!r}, not a dsv3 checkpoint")
+    model = DSV3ForCausalLM.from_pretrained(ckpt_dir)
+    config = model.config
+    hf_config = to_deepseek_v3_config(config)
+    state = unstack_experts({k: v.detach() for k, v in model.state_dict().items()})
+    state["lm_head.weight"] = model.lm_head.weight.detach()
+    n = config.num_hidden_layers
+    for k in range(config.num_nextn_predict_layers):
+        state[f"model.layers.{n + k}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach()
+        state[f"model.layers.{n + k}.shared_head.head.weight"] = model.lm_head.weight.detach()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config.dtype = model.dtype
+    hf_config.save_pretrained(out)
+    save_file(
+        {k: v.contiguous().clone() for k, v in state.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    return out
+
+
+def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a dsv3 checkpoint (save_pretrained, safetensors) from a transformers / DeepSeek `deepseek_v3` directory."""
+    raw = read_config_json(src_dir)
+    check_importable(raw)
+    state = read_safetensors(src_dir)
+    n = raw["num_hidden_layers"]
+    state = {k: v for k, v in state.items() if not MTP_COPY_KEY.match(k)}
+    mtp_layers = {
+        int(m.group(1))
+        for k in state
+        if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n
+    }
+    config = from_deepseek_v3_config(raw, n_mtp_layers=len(mtp_layers))
+    dtype = state["model.embed_tokens.weight"].dtype
+    model = DSV3ForCausalLM(config).to(dtype)
+    state = stack_experts(state)
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{src_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
