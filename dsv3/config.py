@@ -129,6 +129,120 @@ class ModelSection(Section):
         return self
 
 
+class PretrainSection(Section):
+    """Pretraining (PAPER.md, "Pretraining", "Balancing", "Multi-token prediction"): the run's length, its batch,
+    AdamW, and the schedules, each a function of the tokens seen expressed as fractions of the whole run (the
+    paper's 14.8T-token run gives the defaults: constant LR until 10T = 0.676, cosine until 14.3T = 0.966, ...)."""
+
+    tokens: int | None = Field(None, gt=0, description="training tokens; exactly one of tokens or steps")
+    steps: int | None = Field(None, gt=0, description="optimizer steps; exactly one of tokens or steps")
+    global_batch_size: int = Field(32, gt=0, description="sequences per optimizer step, all ranks together")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass on one rank")
+    batch_size_start: int | None = Field(
+        None, gt=0, description="batch-size ramp: sequences per step at the start (null = no ramp)"
+    )
+    batch_ramp_fraction: float = Field(0.0317, ge=0, le=1, description="ramp length (469B of 14.8T tokens)")
+    lr_peak: float = Field(2.2e-4, gt=0, le=1, description="LR after the linear warm-up")
+    lr_warmup_fraction: float = Field(0.01, ge=0, le=1, description="linear warm-up length")
+    lr_decay_start_fraction: float = Field(0.676, ge=0, le=1, description="end of the constant phase")
+    lr_decay_end_fraction: float = Field(0.966, ge=0, le=1, description="end of the cosine decay to lr_final")
+    lr_final: float = Field(2.2e-5, ge=0, le=1, description="LR after the cosine decay, held until the tail")
+    lr_tail_start_fraction: float = Field(0.989, ge=0, le=1, description="where the last constant LR starts")
+    lr_tail: float = Field(7.3e-6, ge=0, le=1, description="LR of the last tokens (167B of 14.8T)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices; none on norms and biases")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0, description="not published; PyTorch's default")
+    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    mtp_lambda: float = Field(0.3, ge=0, description="MTP weight λ before the switch")
+    mtp_lambda_after: float = Field(0.1, ge=0, description="MTP weight λ after the switch")
+    mtp_lambda_switch_fraction: float = Field(0.676, ge=0, le=1, description="λ switch (10T of 14.8T)")
+    balancing: Literal["loss_free", "aux_loss"] = Field(
+        "loss_free", description="loss_free: router-bias updates; aux_loss: the classic auxiliary-loss baseline"
+    )
+    bias_update_speed: float = Field(0.001, ge=0, description="bias update speed γ before the switch")
+    bias_update_speed_after: float = Field(0.0, ge=0, description="γ after the switch")
+    bias_update_switch_fraction: float = Field(0.966, ge=0, le=1, description="γ switch (14.3T of 14.8T)")
+    aux_alpha: float = Field(1e-3, ge=0, description="balance-loss α of the aux_loss baseline (no bias updates)")
+    document_masking: bool = Field(False, description="block-diagonal attention per packed document (paper: off)")
+    precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = Field(1, ge=1, description="processes per node; > 1 launches torchrun")
+    num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
+    val_every_n_steps: int = Field(100, gt=0, description="validation (and best checkpoint) interval")
+    val_max_rows: int | None = Field(None, gt=0, description="cap on validation sequences (null = all)")
+    checkpoint_every_n_steps: int = Field(50, gt=0, description="interval of the `last` checkpoint")
+    log_every_n_steps: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainSection:
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("pretrain.tokens: set exactly one of pretrain.tokens or pretrain.steps")
+        ranks = self.devices * self.num_nodes
+        if self.global_batch_size % (self.micro_batch_size * ranks):
+            raise ValueError(
+                f"pretrain.global_batch_size: must be a multiple of micro_batch_size × devices × num_nodes "
+                f"({self.micro_batch_size * ranks})"
+            )
+        accumulation = self.global_batch_size // (self.micro_batch_size * ranks)
+        if self.batch_size_start is not None and (
+            self.batch_size_start > self.global_batch_size or self.batch_size_start % (accumulation * ranks)
+        ):
+            raise ValueError(
+                "pretrain.batch_size_start: must be at most global_batch_size and a multiple of "
+                f"devices × num_nodes × gradient-accumulation steps ({accumulation * ranks})"
+            )
+        fractions = [
+            self.lr_warmup_fraction,
+            self.lr_decay_start_fraction,
+            self.lr_decay_end_fraction,
+            self.lr_tail_start_fraction,
+        ]
+        if fractions != sorted(fractions):
+            raise ValueError(
+                "pretrain.lr_warmup_fraction: need warmup <= decay_start <= decay_end <= tail_start fractions"
+            )
+        return self
+
+
+class SftSection(Section):
+    """Supervised fine-tuning (PAPER.md, "Post-training"): 2 epochs, cosine LR 5e-6 → 1e-6, samples packed with
+    sample masking, loss on assistant tokens only. Data: generated math problems with worked solutions, plus
+    optional chat files; evaluation: greedy accuracy and format rate on held-out problems."""
+
+    lr_peak: float = Field(5e-6, gt=0, le=1, description="LR at the start of the cosine (paper: 5e-6)")
+    lr_final: float = Field(1e-6, ge=0, le=1, description="LR the cosine ends at (paper: 1e-6)")
+    lr_warmup_fraction: float = Field(0.0, ge=0, lt=1, description="linear warm-up, fraction of the steps")
+    epochs: int = Field(2, ge=1, description="passes over the SFT data (paper: 2)")
+    per_device_batch_size: int = Field(
+        2, gt=0, description="packed rows per step and device (padding-free: concatenated into one row)"
+    )
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_seq_len: int = Field(4096, ge=16, description="packing length; longer samples are left out")
+    train_problems: int = Field(2000, gt=0, description="generated math problems with worked solutions")
+    problem_steps: int = Field(2, ge=1, description="difficulty: operations (arithmetic) or equation form (linear)")
+    max_operand: int = Field(20, ge=2, description="difficulty: largest number in a problem")
+    problem_kinds: list[Literal["arithmetic", "linear"]] = Field(
+        default_factory=lambda: ["arithmetic", "linear"], min_length=1, description="generated problem kinds"
+    )
+    heldout_problems: int = Field(200, gt=0, description="held-out problems for the accuracy evaluation")
+    chat_data: list[str] = Field(
+        default_factory=list, description='local jsonl files of {"messages": [...]} rows (paths from the working directory)'
+    )
+    eval_max_new_tokens: int = Field(256, gt=0, description="generation budget per held-out answer")
+    eval_batch_size: int = Field(32, gt=0, description="prompts per generate call")
+    bf16: bool = Field(False, description="bf16 autocast (TRL's default); false = fp32")
+    activation_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    save_steps: int = Field(50, gt=0, description="checkpoint interval in optimizer steps")
+    log_steps: int = Field(10, gt=0, description="metric logging interval in optimizer steps")
+
+    @model_validator(mode="after")
+    def _lr_decays(self) -> SftSection:
+        if self.lr_final > self.lr_peak:
+            raise ValueError("sft.lr_final: must be at most sft.lr_peak (the cosine decays)")
+        return self
+
+
 class PipelineSection(Section):
     """How the Prefect flow runs the stages."""
 
@@ -153,6 +267,8 @@ class Recipe(Section):
     data: DataSection = Field(default_factory=DataSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     model: ModelSection | None = None
+    pretrain: PretrainSection | None = None
+    sft: SftSection | None = None
 
     def section_hash(self, *names: str) -> str:
         """sha256 over the named sections (and the seed), the key a stage's manifest is matched on."""

@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 import dsv3
@@ -60,8 +61,65 @@ def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
                 f"stage {name} needs the output of {upstream}: run the pipeline up to {upstream}"
             )
         input_hashes[upstream] = manifest.output_hash
-    code_hash = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
-    return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, code_hash)
+    return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, stage_code_hash(module))
+
+
+# Plumbing that decides how a stage runs, not what it computes: editing it reruns nothing.
+PLUMBING = {
+    "dsv3",
+    "dsv3.cli",
+    "dsv3.config",
+    "dsv3.report",
+    "dsv3.stages",
+    "dsv3.stages.manifest",
+    "dsv3.stages.runner",
+    "dsv3.tracking",
+}
+
+
+def stage_code_hash(module: ModuleType) -> str:
+    """sha256 over the source files the stage computes with (`stage_code_files`)."""
+    digest = hashlib.sha256()
+    for file in stage_code_files(module):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_code_files(module: ModuleType) -> list[Path]:
+    """The stage's module, the other stage modules it uses, and every file of each library subpackage it
+    touches (dsv3/model/, dsv3/data/, ...; whole subpackages, so imports inside functions are covered).
+
+    Editing the model, a schedule or the data pipeline changes the key of the stages that use them (and so
+    reruns them); editing an unrelated stage or the pipeline's plumbing does not.
+    """
+    used: dict[str, ModuleType] = {}
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        if current.__name__ in used:
+            continue
+        used[current.__name__] = current
+        if current.__name__ in PLUMBING or hasattr(current, "__path__"):
+            continue  # don't follow the plumbing, nor a package's attributes (they list all its submodules)
+        for value in vars(current).values():
+            other = (
+                value
+                if isinstance(value, ModuleType)
+                else sys.modules.get(getattr(value, "__module__", None) or "")
+            )
+            if other is not None and other.__name__.split(".")[0] == "dsv3" and other.__name__ not in used:
+                pending.append(other)
+    files = set()
+    for name, used_module in used.items():
+        if name in PLUMBING:
+            continue
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] != "stages":  # a library subpackage: all of it (covers local imports)
+            files.update(Path(used_module.__file__).parent.glob("*.py"))
+        else:
+            files.add(Path(used_module.__file__))
+    return sorted(files)
 
 
 def code_version() -> str:

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, passkey retrieval, task accuracy, expert-load statistics."""

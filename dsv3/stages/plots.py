@@ -1,0 +1,75 @@
+"""The pretraining stage's plots as PNGs (matplotlib, Agg backend: no display needed).
+
+`history` is the list of records the PretrainModule logs: {"step": s, "train/loss": ..., "val/loss": ...};
+each plot draws the keys it needs from the records that have them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
+    points = sorted({r["step"]: r[key] for r in history if key in r}.items())
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_losses(history: list[dict[str, float]], path: Path, baseline: float | None = None) -> Path:
+    """Training CE, MTP CE per depth and validation loss (nats/token) against optimizer steps."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = ["train/ce"] + sorted({k for r in history for k in r if k.startswith("train/mtp_loss_depth")}) + ["val/loss"]
+    for key in keys:
+        steps, values = _series(history, key)
+        if steps:
+            ax.plot(steps, values, marker="o" if key == "val/loss" else None, markersize=3, label=key)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", label="unigram baseline (validation)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Pretraining loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(expert_load: torch.Tensor, row_labels: list[str], path: Path, title: str) -> Path:
+    """Heatmap of expert_load (layers × experts) as each expert's share relative to the layer mean (1 = even)."""
+    load = expert_load.double()
+    relative = (load / load.mean(dim=1, keepdim=True).clamp(min=1e-12)).numpy()
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * load.shape[1] + 2), 0.5 * load.shape[0] + 2))
+    image = ax.imshow(relative, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel("routed expert")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="load / mean load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_max_violation(history: list[dict[str, float]], path: Path) -> Path:
+    """Batch MaxVio per logged step and global MaxVio on the validation set, against optimizer steps."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train/maxvio_batch", "-"), ("val/maxvio_global", "o-")):
+        steps, values = _series(history, key)
+        if steps:
+            ax.plot(steps, values, style, markersize=3, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("MaxVio")
+    ax.set_title("Expert-load imbalance (MaxVio)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
