@@ -4,6 +4,7 @@
     dsv3 recipe recipes/tiny.yaml [--set key=value ...]                          print the resolved recipe
     dsv3 export-hf CKPT OUT / dsv3 import-hf SRC OUT                             transformers interop
     dsv3 report RUN [--runs-dir runs]                                            report card of a run
+    dsv3 generate CKPT --prompt TEXT [--speculative] / dsv3 chat CKPT              stream text from a checkpoint
 
 Bad input (a recipe, a path, a checkpoint) ends with one line on stderr naming what is wrong, exit code 2.
 Set DSV3_DEBUG=1 to see the traceback instead.
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)"
     )
     report.set_defaults(handler=_report)
+    _add_generation_commands(sub)
     return parser
 
 
@@ -139,6 +141,79 @@ def _report(args: argparse.Namespace) -> None:
 
     for path in write_report(resolve_run_dir(args.run, args.runs_dir)):
         print(f"wrote {path}")
+
+
+def _add_generation_commands(sub) -> None:
+    """`dsv3 generate` and `dsv3 chat` (dsv3.infer.generate): absorbed MLA decoding, optional MTP speculation."""
+    generate = sub.add_parser(
+        "generate",
+        help="stream a continuation of a prompt from a checkpoint",
+        description="Load a checkpoint (a save_pretrained directory with tokenizer files, e.g. runs/tiny/pretrain/model) "
+        "and print the continuation of --prompt token by token. Decoding attends over the compressed MLA cache with "
+        "absorbed up-projections; --speculative drafts with the MTP module and verifies (greedy, same output).",
+    )
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a checkpoint through its chat template",
+        description="Interactive chat: each line you type is a user turn, the reply streams back; the conversation "
+        "is kept and formatted with the tokenizer's chat template. Ends on EOF (Ctrl-D) or 'exit'.",
+    )
+    for parser, default_tokens in ((generate, 128), (chat, 256)):
+        parser.add_argument(
+            "ckpt", metavar="CKPT", help="checkpoint directory (save_pretrained + tokenizer files)"
+        )
+        parser.add_argument(
+            "--max-new-tokens",
+            type=int,
+            default=default_tokens,
+            help=f"tokens to generate at most (default {default_tokens})",
+        )
+        parser.add_argument(
+            "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+        )
+        parser.add_argument(
+            "--speculative",
+            action="store_true",
+            help="MTP speculative decoding (greedy only); reports the acceptance rate",
+        )
+        parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.set_defaults(handler=_generate)
+    chat.set_defaults(handler=_chat)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from transformers.utils.logging import disable_progress_bar
+
+    from dsv3.infer.generate import generate, load_checkpoint, prompt_ids, report_speed
+
+    disable_progress_bar()  # the weight-loading bar would interleave with the streamed text
+    model, tokenizer = load_checkpoint(args.ckpt)
+    ids = prompt_ids(tokenizer, args.prompt)
+    print(args.prompt, end="", flush=True)
+    result = generate(
+        model, tokenizer, ids, args.max_new_tokens, args.temperature, args.speculative, args.seed
+    )
+    report_speed(result, args.speculative)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from transformers.utils.logging import disable_progress_bar
+
+    from dsv3.infer.generate import chat, load_checkpoint
+
+    disable_progress_bar()
+    model, tokenizer = load_checkpoint(args.ckpt)
+    print("dsv3 chat: type a message; 'exit' or Ctrl-D ends", file=sys.stderr)
+    chat(
+        model,
+        tokenizer,
+        lambda: input("> "),
+        args.max_new_tokens,
+        args.temperature,
+        args.speculative,
+        args.seed,
+    )
 
 
 def _import_hf(args: argparse.Namespace) -> None:

@@ -2,9 +2,16 @@
 
 Keys and values are compressed into one latent c_KV per token (eq. 1); a single RoPE key shared by all heads
 carries the position (eq. 3). The KV cache therefore holds only the normed latent and the rotated RoPE key:
-kv_lora_rank + qk_rope_head_dim values per token per layer (576 at V3 sizes). This training-path implementation
-re-expands the cached latent with W^UK / W^UV (kv_b_proj) at every step; absorbing them into the query and the
-output (decoding without expansion) is a later optimisation.
+kv_lora_rank + qk_rope_head_dim values per token per layer (576 at V3 sizes).
+
+Training and prefill (an empty cache) expand the latent into per-head keys and values with W^UK / W^UV
+(kv_b_proj). Decoding (a cache that already holds tokens) absorbs them instead, as DeepSeek serves the model:
+
+    q_h^C · (W^UK_h c_j) = (W^UK_h^T q_h^C) · c_j        scores against the latent directly,
+    Σ_j p_hj W^UV_h c_j   = W^UV_h (Σ_j p_hj c_j)         one up-projection per query, not per cached token,
+
+so a decode step reads kv_lora_rank + qk_rope_head_dim values per cached token, shared by every head, and
+never builds the per-head keys and values (40,960 values per token at V3 sizes).
 """
 
 import torch
@@ -16,11 +23,15 @@ from dsv3.model.rope import apply_rotary_emb, attention_softmax_scale
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """MLA with optional query compression (q_lora_rank None = a plain W^Q) and decoupled RoPE."""
+    """MLA with optional query compression (q_lora_rank None = a plain W^Q) and decoupled RoPE.
+
+    `absorb` (default True) selects absorbed decoding whenever the cache already holds tokens; False keeps the
+    expanded path everywhere (`dsv3.infer.absorb_attention` switches it for a whole model)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.absorb = True
         self.n_heads = config.num_attention_heads
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
@@ -89,6 +100,8 @@ class MultiHeadLatentAttention(nn.Module):
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         """x (B, T, C); cos/sin (B, T, d_R/2); mask (B, 1, T, S) bool, True = may attend, None = causal."""
+        if self.absorb and past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
+            return self.absorbed_forward(x, cos, sin, mask, past_key_values)
         B, T, _ = x.shape
         q = self.queries(x)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -103,3 +116,56 @@ class MultiHeadLatentAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
         )
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 11
+
+    def absorbed_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_key_values: Cache,
+    ) -> torch.Tensor:
+        """Eqs. 10-11 over the compressed cache with W^UK folded into the query and W^UV applied after the sum."""
+        B, T, _ = x.shape
+        H, dn, dv = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        q_nope, q_rope = self.queries(x).split([dn, self.qk_rope_head_dim], dim=-1)  # (B, H, T, ·)
+        q_rope = apply_rotary_emb(q_rope, cos, sin, self.rope_interleave)  # eq. 8
+        latent, k_rope = self.latent_and_rope_key(x, cos, sin)
+        latent, k_rope = past_key_values.update(
+            latent, k_rope, self.layer_idx
+        )  # (B, 1, S, d_c), (B, 1, S, d_R)
+        w_uk, w_uv = self.kv_b_proj.weight.view(H, dn + dv, self.kv_lora_rank).split([dn, dv], dim=1)
+        q_latent = absorb_key_projection(q_nope, w_uk)  # (B, H, T, d_c)
+        probs = latent_attention_weights(q_latent, q_rope, latent, k_rope, mask, self.softmax_scale)
+        o_latent = probs @ latent  # (B, H, T, S) @ (B, 1, S, d_c) -> (B, H, T, d_c): Σ_j p_hj c_j
+        o = absorb_value_projection(o_latent, w_uv)  # (B, T, H, d_v)
+        return self.o_proj(o.reshape(B, T, H * dv))  # eq. 11
+
+
+def absorb_key_projection(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """W^UK_h^T q_h^C: each head's non-RoPE query moved into latent space; (B, H, T, d_h), (H, d_h, d_c) -> (B, H, T, d_c)."""
+    return torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
+
+
+def absorb_value_projection(o_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """W^UV_h applied once to the weighted sum of latents; (B, H, T, d_c), (H, d_v, d_c) -> (B, T, H, d_v)."""
+    return torch.einsum("bhtc,hvc->bthv", o_latent, w_uv)
+
+
+def latent_attention_weights(q_latent, q_rope, latent, k_rope, mask, scale) -> torch.Tensor:
+    """Eq. 10 over the compressed cache: softmax(scale · (q^C W^UK c + q^R k^R)) with the causal / padding mask.
+
+    q_latent (B, H, T, d_c), q_rope (B, H, T, d_R); latent (B, 1, S, d_c), k_rope (B, 1, S, d_R) are shared by all
+    heads, so the H·T queries of a batch row are one matrix product against the S cached tokens.
+    mask (B, 1, T, S) bool (True = may attend) or None = causal, the T queries being the last T of the S tokens.
+    """
+    B, H, T, _ = q_latent.shape
+    S = latent.shape[2]
+    scores = (q_latent.reshape(B, H * T, -1) @ latent[:, 0].transpose(1, 2)).view(B, H, T, S)
+    scores = scores + (q_rope.reshape(B, H * T, -1) @ k_rope[:, 0].transpose(1, 2)).view(B, H, T, S)
+    if mask is None and T > 1:
+        positions = torch.arange(S, device=scores.device)
+        mask = (positions[None, :] <= positions[S - T :, None])[None, None]  # (1, 1, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores * scale).softmax(dim=-1, dtype=torch.float32).to(latent.dtype)
