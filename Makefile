@@ -9,7 +9,7 @@ DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
 
-.PHONY: setup test test-all lint pipeline ui clean-runs help $(STAGES)
+.PHONY: setup test test-all lint pipeline ablations ui clean-runs help $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ lint:  ## ruff
 
 pipeline:  ## run every stage of $(RECIPE) through the Prefect flow
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(SET)
+
+ablations:  ## paired tiny pretrainings (recipes/ablations): FP8, balancing, MTP vs the papers -> $(RUNS)/ablations/
+	$(BIN)/python -m flows.ablations --recipes recipes/ablations --runs-dir $(RUNS)
 
 $(STAGES):
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) --until $@ $(SET)

@@ -165,7 +165,13 @@ class PretrainSection(Section):
     bias_update_switch_fraction: float = Field(0.966, ge=0, le=1, description="γ switch (14.3T of 14.8T)")
     aux_alpha: float = Field(1e-3, ge=0, description="balance-loss α of the aux_loss baseline (no bias updates)")
     document_masking: bool = Field(False, description="block-diagonal attention per packed document (paper: off)")
-    precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "fp8-blockwise"] = Field(
+        "32-true", description="fp8-blockwise: FP8 GEMMs in the blocks' linear layers, BF16 autocast elsewhere"
+    )
+    fp8_backend: Literal["auto", "emulated", "scaled_mm"] = Field(
+        "auto", description="FP8 GEMMs: scaled_mm (Hopper GPUs), emulated (anywhere), auto picks"
+    )
+    optimizer_states_bf16: bool = Field(False, description="AdamW moments stored in BF16 (the paper's choice)")
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int = Field(1, ge=1, description="processes per node; > 1 launches torchrun")
     num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
@@ -202,6 +208,64 @@ class PretrainSection(Section):
             raise ValueError(
                 "pretrain.lr_warmup_fraction: need warmup <= decay_start <= decay_end <= tail_start fractions"
             )
+        return self
+
+
+class ExtendPhase(Section):
+    """One phase of context extension: packed rows of seq_len tokens for `steps` optimizer steps (or `tokens`)."""
+
+    seq_len: int = Field(ge=16, le=1_048_576, description="row length of this phase (paper: 32K, then 128K)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps (paper: 1000); exactly one of steps or tokens")
+    tokens: int | None = Field(None, gt=0, description="training tokens; exactly one of steps or tokens")
+    global_batch_size: int = Field(8, gt=0, description="rows per optimizer step")
+    micro_batch_size: int = Field(1, gt=0, description="rows per forward pass")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> ExtendPhase:
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("extend.phases.steps: set exactly one of steps or tokens per phase")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("extend.phases.global_batch_size: must be a multiple of micro_batch_size")
+        return self
+
+
+class ExtendSection(Section):
+    """Context extension with YaRN (PAPER.md, "Context extension (YaRN)"): RoPE dims switched to YaRN with factor s,
+    ramp β_fast = 32 / β_slow = 1 over the pretraining length, temperature √(1/t) = 0.1·mscale·ln s + 1 (the
+    softmax scale times its square); two phases on longer packed rows (4K → 32K → 128K, 1000 steps each, LR 7.3e-6).
+    The training mix may hold synthetic passkey documents (training keys, training-split filler); the evaluation
+    (passkey accuracy per length and depth, perplexity per length, before and after) uses held-out keys and filler."""
+
+    phases: list[ExtendPhase] = Field(min_length=1, description="training phases in order of growing seq_len")
+    factor: float = Field(40.0, gt=1, description="YaRN scale s (paper: 40)")
+    beta_fast: float = Field(32.0, gt=0, description="β: rotary pairs with more rotations over the original length keep their frequency")
+    beta_slow: float = Field(1.0, gt=0, description="α: pairs with fewer rotations are interpolated by s")
+    mscale: float = Field(1.0, ge=0, description="coefficient of 0.1·ln s in the attention temperature √(1/t)")
+    mscale_all_dim: float = Field(1.0, ge=0, description="the same for the softmax scale (reference: = mscale)")
+    lr: float = Field(7.3e-6, gt=0, le=1, description="constant LR after the warm-up (paper: 7.3e-6)")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of each phase")
+    mtp_lambda: float = Field(0.1, ge=0, description="MTP weight λ (the paper's value at the end of pretraining)")
+    bias_update_speed: float = Field(0.0, ge=0, description="router-bias update speed γ (paper: 0 after 14.3T)")
+    retrieval_fraction: float = Field(0.0, ge=0, lt=1, description="share of training rows that are synthetic passkey documents")
+    passkey_digits: int = Field(5, ge=1, le=20, description="digits of a passkey")
+    passkey_lengths: list[int] = Field(default_factory=lambda: [4096, 32768, 131072], min_length=1)
+    passkey_depths: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    passkey_trials: int = Field(10, gt=0, description="held-out prompts per (length, depth)")
+    eval_batch_size: int = Field(8, gt=0, description="prompts (or rows) per forward pass in the evaluation")
+    perplexity_lengths: list[int] = Field(default_factory=lambda: [4096, 32768, 131072], min_length=1)
+    perplexity_tokens: int = Field(65536, gt=0, description="validation tokens scored per context length")
+    val_every_n_steps: int = Field(50, gt=0)
+    val_max_rows: int | None = Field(32, gt=0, description="validation rows per phase's validation (null = all)")
+    checkpoint_every_n_steps: int = Field(25, gt=0, description="interval of each phase's `last` checkpoint")
+    log_every_n_steps: int = Field(5, gt=0)
+
+    @model_validator(mode="after")
+    def _phases_grow(self) -> ExtendSection:
+        lengths = [p.seq_len for p in self.phases]
+        if lengths != sorted(set(lengths)):
+            raise ValueError("extend.phases: seq_len must strictly grow from phase to phase")
+        if not all(0 <= d <= 1 for d in self.passkey_depths):
+            raise ValueError("extend.passkey_depths: depths are fractions in [0, 1]")
         return self
 
 
@@ -243,6 +307,78 @@ class SftSection(Section):
         return self
 
 
+class ProblemsSection(Section):
+    """The verifiable math problems a post-training stage draws (dsv3.data.math_tasks): how many, how hard."""
+
+    train_problems: int = Field(500, gt=0, description="generated train problems")
+    heldout_problems: int = Field(100, gt=0, description="held-out problems (never trained on)")
+    problem_steps: int = Field(2, ge=1, description="difficulty: operations, or equation form (math_tasks)")
+    max_operand: int = Field(20, ge=2, description="difficulty: largest number in a problem")
+    problem_kinds: list[Literal["arithmetic", "linear"]] = Field(
+        default_factory=lambda: ["arithmetic", "linear"], min_length=1, description="generated problem kinds"
+    )
+
+
+class RewardSection(ProblemsSection):
+    """Reward model (PAPER.md, "Post-training": trained from the SFT checkpoint on preference data): a scalar head
+    on the SFT network, Bradley-Terry loss on pairs (chosen = the worked solution; rejected = a wrong final
+    answer, a broken \\boxed{} format, or an SFT sample the rule judges wrong)."""
+
+    lr: float = Field(1e-5, gt=0, le=1, description="peak LR (linear decay to 0)")
+    epochs: int = Field(1, ge=1, description="passes over the train pairs")
+    per_device_batch_size: int = Field(8, gt=0, description="pairs per step and device")
+    sampled_problems: int = Field(
+        100, ge=0, description="train problems the SFT model answers to find wrong samples (0 = none)"
+    )
+    samples_per_problem: int = Field(2, ge=1, description="SFT samples drawn per sampled problem")
+    sample_temperature: float = Field(1.0, gt=0, description="sampling temperature of the SFT samples")
+    max_new_tokens: int = Field(128, gt=0, description="generation budget per SFT sample")
+    sample_batch_size: int = Field(32, gt=0, description="prompts per generate call")
+    max_length: int = Field(512, ge=16, description="pairs with a longer side are left out")
+    center_rewards_coefficient: float | None = Field(
+        0.01, ge=0, description="weight of the mean-zero reward penalty (null = none)"
+    )
+    save_steps: int = Field(50, gt=0, description="checkpoint interval in optimizer steps")
+    log_steps: int = Field(10, gt=0, description="metric logging interval in optimizer steps")
+
+
+class RlSection(ProblemsSection):
+    """GRPO (PAPER.md, "Post-training"; DeepSeekMath: G = 64, β = 0.04, LR 1e-6): G sampled answers per prompt,
+    advantage (r − mean r)/std r within each group, clipped ratio, k3 KL to the SFT model; rewards = rule-based
+    correctness (math-verify on the last \\boxed{}), format, and the reward model's score, summed with weights."""
+
+    lr: float = Field(1e-6, gt=0, le=1, description="constant LR (paper: 1e-6)")
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    num_generations: int = Field(8, ge=2, description="group size G: completions per prompt")
+    prompts_per_step: int = Field(4, gt=0, description="prompts per optimizer step (× G completions)")
+    beta: float = Field(0.04, ge=0, description="KL coefficient β (k3 estimator against the SFT model)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="clip ε of the probability ratio")
+    num_iterations: int = Field(1, ge=1, description="policy updates per generated batch (μ)")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "grpo", description="grpo: the paper's per-sequence mean; others: TRL's length-debiased variants"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's std (paper), the batch's, or not at all"
+    )
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    max_completion_length: int = Field(128, gt=0, description="generation budget per rollout")
+    correctness_weight: float = Field(1.0, ge=0, description="weight of the rule-based correctness reward")
+    format_weight: float = Field(0.1, ge=0, description="weight of the format reward")
+    reward_model_weight: float = Field(0.1, ge=0, description="weight of the reward model's score")
+    eval_max_new_tokens: int = Field(128, gt=0, description="generation budget per held-out answer")
+    eval_batch_size: int = Field(32, gt=0, description="prompts per generate call in the evaluation")
+    eval_k: int = Field(4, ge=1, description="pass@k: k sampled answers per held-out problem")
+    eval_temperature: float = Field(1.0, gt=0, description="sampling temperature for pass@k")
+    save_steps: int = Field(25, gt=0, description="checkpoint interval in optimizer steps")
+    log_steps: int = Field(1, gt=0, description="metric logging interval in optimizer steps")
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> RlSection:
+        if not self.correctness_weight + self.format_weight + self.reward_model_weight:
+            raise ValueError("rl.correctness_weight: at least one reward weight must be positive")
+        return self
+
+
 class PipelineSection(Section):
     """How the Prefect flow runs the stages."""
 
@@ -268,7 +404,10 @@ class Recipe(Section):
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     model: ModelSection | None = None
     pretrain: PretrainSection | None = None
+    extend: ExtendSection | None = None
     sft: SftSection | None = None
+    reward: RewardSection | None = None
+    rl: RlSection | None = None
 
     def section_hash(self, *names: str) -> str:
         """sha256 over the named sections (and the seed), the key a stage's manifest is matched on."""

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dsv3.config import PretrainSection
 from dsv3.eval.expert_load import max_violation
+from dsv3.fp8 import AdamWBF16Moments
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.stages.schedules import StepPlan, accumulation_steps, learning_rate, mtp_weight
 
@@ -169,7 +170,8 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        return torch.optim.AdamW(
+        adamw = AdamWBF16Moments if cfg.optimizer_states_bf16 else torch.optim.AdamW
+        return adamw(
             parameter_groups(self.model, cfg.weight_decay),
             lr=cfg.lr_peak,
             betas=(cfg.adam_beta1, cfg.adam_beta2),

@@ -37,6 +37,7 @@ from tokenizers import Tokenizer
 from dsv3.config import Recipe
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.tokenizer import BOS, EOS, PAD, byte_level_table, load_tokenizer, token_bytes
+from dsv3.fp8 import FP8BlockwisePrecision
 from dsv3.model import DSV3Config
 from dsv3.stages import StageResult
 from dsv3.stages.balancing import LossFreeBalancer
@@ -168,7 +169,7 @@ def train(recipe: Recipe, workdir: Path, tokenizer_dir: Path) -> None:
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=strategy,
-        precision=cfg.precision,
+        precision=None if cfg.precision == "fp8-blockwise" else cfg.precision,
         max_steps=plan.steps,
         val_check_interval=cfg.val_every_n_steps * accumulation,
         check_val_every_n_epoch=None,
@@ -176,7 +177,7 @@ def train(recipe: Recipe, workdir: Path, tokenizer_dir: Path) -> None:
         use_distributed_sampler=False,
         logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *precision_plugins(cfg.precision, cfg.fp8_backend, accelerator)],
         default_root_dir=workdir,
         enable_model_summary=False,
         log_every_n_steps=1,  # the module logs itself, every pretrain.log_every_n_steps optimizer steps
@@ -192,6 +193,13 @@ def train(recipe: Recipe, workdir: Path, tokenizer_dir: Path) -> None:
         save_model(module, workdir / OUTPUT, tokenizer_dir)
         write_result(workdir / RESULT, module, resumed_from)
     trainer.strategy.barrier("pretrain-written")
+
+
+def precision_plugins(precision: str, fp8_backend: str, accelerator: str) -> list[FP8BlockwisePrecision]:
+    """The FP8 plugin for `fp8-blockwise` (PAPER.md, "FP8 training"); Lightning's own precisions need none."""
+    if precision != "fp8-blockwise":
+        return []
+    return [FP8BlockwisePrecision(fp8_backend, device="cuda" if accelerator == "gpu" else "cpu")]
 
 
 def write_rank_biases(module: PretrainModule, folder: Path, rank: int) -> None:

@@ -1,0 +1,389 @@
+"""Context-extension stage (PAPER.md, "Context extension (YaRN)"; DeepSeek-V3 report §4.3).
+
+The pretrained model's RoPE dims switch to YaRN: factor s, original length = the pretraining seq_len, the
+β_fast/β_slow ramp and mscale/mscale_all_dim (softmax scale × (0.1·ln s + 1)², as the reference code). It then
+trains in the recipe's phases (paper: 4K → 32K → 128K, 1000 steps each at LR 7.3e-6) on packed rows of each
+phase's length with the pretraining loop (dsv3.stages.lightning_module: AdamW, MTP, balance loss, loss-free bias
+updates at extend.bias_update_speed), with a constant LR after an optional warm-up. A share of each phase's rows
+(extend.retrieval_fraction) are synthetic passkey documents: training keys hidden in training-split filler.
+
+Evaluation, before and after: passkey accuracy per (length, depth) with held-out keys and validation-split filler
+(dsv3.eval.passkey) and validation perplexity by context length (dsv3.eval.perplexity).
+
+Checkpoints: `phase<i>/checkpoints/last.ckpt` during phase i; a finished phase writes `phase<i>/model` (the last
+phase writes `model/`). A rerun after a kill skips finished phases and resumes the current one from last.ckpt.
+Output: `model/` — save_pretrained with the YaRN config, plus the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from tokenizers import Tokenizer
+
+from dsv3.config import ExtendPhase, PretrainSection, Recipe
+from dsv3.data.dataset import build_lm_dataset
+from dsv3.data.tokenizer import EOS, load_tokenizer
+from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatmap
+from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
+from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.stages import StageResult
+from dsv3.stages.balancing import LossFreeBalancer
+from dsv3.stages.corpus import capped_texts, recipe_corpus
+from dsv3.stages.lightning_module import AtomicCheckpointIO, PretrainData, PretrainModule, StepProgressBar
+from dsv3.stages.plots import plot_losses
+from dsv3.stages.pretrain import _write_json, precision_plugins, save_model, token_byte_lengths
+from dsv3.stages.schedules import step_plan
+from dsv3.tracking import stage_run
+
+SECTIONS = ("data", "pretrain", "extend")
+INPUTS = ("pretrain",)
+OUTPUT = "model"
+FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
+
+
+def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
+    check_recipe(recipe)
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = inputs["pretrain"] / OUTPUT
+    tokenizer = load_tokenizer(source)
+    corpus = recipe_corpus(recipe.data)
+    ext = recipe.extend
+    heldout = PasskeyTask(tokenizer, corpus["validation"]["text"], "heldout", ext.passkey_digits, recipe.seed)
+    ppl_rows = perplexity_rows(recipe, tokenizer, corpus["validation"], workdir.parent / "cache")
+
+    started = time.perf_counter()
+    before = cached_evaluation(
+        workdir / "eval_before.json", DSV3ForCausalLM.from_pretrained(source), heldout, ppl_rows, recipe
+    )
+    eval_seconds = time.perf_counter() - started
+    history: list[dict[str, float]] = []
+    resumed_from = {}
+    previous, offset = source, 0
+    started = time.perf_counter()
+    for i, phase in enumerate(ext.phases, start=1):
+        out = phase_output(workdir, i, last=i == len(ext.phases))
+        result_file = workdir / f"phase{i}" / "result.json"
+        if not (out / "model.safetensors").is_file():
+            train_phase(recipe, phase, i, previous, out, workdir / f"phase{i}", corpus, tokenizer, offset)
+        result = json.loads(result_file.read_text())
+        history += result["history"]
+        resumed_from[i] = result["resumed_from_step"]
+        previous, offset = out, offset + result["steps"]
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    after = cached_evaluation(
+        workdir / "eval_after.json",
+        DSV3ForCausalLM.from_pretrained(workdir / OUTPUT),
+        heldout,
+        ppl_rows,
+        recipe,
+    )
+    eval_seconds += time.perf_counter() - started
+    return stage_result(
+        recipe, workdir, before, after, history, resumed_from, offset, train_seconds, eval_seconds
+    )
+
+
+def check_recipe(recipe: Recipe) -> None:
+    if recipe.extend is None or recipe.pretrain is None:
+        raise ValueError("the extend stage needs `pretrain:` and `extend:` sections in the recipe")
+    if recipe.extend.phases[0].seq_len <= recipe.data.seq_len:
+        raise ValueError(
+            f"extend.phases: the first seq_len ({recipe.extend.phases[0].seq_len}) must exceed the pretraining "
+            f"data.seq_len ({recipe.data.seq_len})"
+        )
+
+
+def yarn_rope_parameters(recipe: Recipe, rope_theta: float) -> dict:
+    """transformers' yarn rope_parameters: factor s over the pretraining length (PAPER.md, "Context extension")."""
+    ext = recipe.extend
+    return {
+        "rope_type": "yarn",
+        "rope_theta": rope_theta,
+        "factor": ext.factor,
+        "original_max_position_embeddings": recipe.data.seq_len,
+        "beta_fast": ext.beta_fast,
+        "beta_slow": ext.beta_slow,
+        "mscale": ext.mscale,
+        "mscale_all_dim": ext.mscale_all_dim,
+    }
+
+
+def yarn_config(config: DSV3Config, recipe: Recipe) -> DSV3Config:
+    """The pretrained config with YaRN RoPE and max_position_embeddings = the last phase's length."""
+    if config.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"the pretrained model already uses rope_type {config.rope_parameters['rope_type']!r}: extend a plain-RoPE model"
+        )
+    fields = config.to_dict()
+    fields["rope_parameters"] = yarn_rope_parameters(recipe, config.rope_parameters["rope_theta"])
+    fields["max_position_embeddings"] = max(
+        recipe.extend.phases[-1].seq_len, int(recipe.extend.factor * recipe.data.seq_len)
+    )
+    return DSV3Config.from_dict(fields)
+
+
+def phase_output(workdir: Path, index: int, last: bool) -> Path:
+    return workdir / OUTPUT if last else workdir / f"phase{index}" / OUTPUT
+
+
+def phase_training(recipe: Recipe, phase: ExtendPhase) -> PretrainSection:
+    """The pretraining loop's settings for one phase: its batch and length, a constant LR after a linear warm-up,
+    constant λ and γ, the extend section's intervals; AdamW, clipping and precision as in pretraining."""
+    ext = recipe.extend
+    steps = phase.steps or math.ceil(phase.tokens / (phase.global_batch_size * phase.seq_len))
+    settings = recipe.pretrain.model_dump() | {
+        "tokens": None,
+        "steps": steps,
+        "global_batch_size": phase.global_batch_size,
+        "micro_batch_size": phase.micro_batch_size,
+        "batch_size_start": None,
+        "lr_peak": ext.lr,
+        "lr_warmup_fraction": min(ext.lr_warmup_steps / steps, 1.0),
+        "lr_decay_start_fraction": 1.0,
+        "lr_decay_end_fraction": 1.0,
+        "lr_tail_start_fraction": 1.0,
+        "mtp_lambda": ext.mtp_lambda,
+        "mtp_lambda_after": ext.mtp_lambda,
+        "balancing": "loss_free",
+        "bias_update_speed": ext.bias_update_speed,
+        "bias_update_speed_after": ext.bias_update_speed,
+        "devices": 1,
+        "num_nodes": 1,
+        "val_every_n_steps": ext.val_every_n_steps,
+        "val_max_rows": ext.val_max_rows,
+        "checkpoint_every_n_steps": ext.checkpoint_every_n_steps,
+        "log_every_n_steps": ext.log_every_n_steps,
+    }
+    return PretrainSection.model_validate(settings)
+
+
+def phase_rows(
+    recipe: Recipe, phase: ExtendPhase, corpus: datasets.DatasetDict, tokenizer: Tokenizer, cache: Path
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Training rows of phase.seq_len: the pretraining mix (FIM, token splitting) plus passkey documents making up
+    extend.retrieval_fraction of them; validation rows: the plain validation split."""
+    data, ext = recipe.data, recipe.extend
+    train_rows = build_lm_dataset(
+        corpus["train"],
+        tokenizer,
+        phase.seq_len,
+        data.fim_rate,
+        data.split_punctuation_rate,
+        recipe.seed,
+        cache,
+    )
+    val_rows = build_lm_dataset(corpus["validation"], tokenizer, phase.seq_len, 0.0, 0.0, recipe.seed, cache)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError(
+            f"the corpus packs into no full row of {phase.seq_len} tokens: use more text or shorter phases"
+        )
+    n_retrieval = math.ceil(ext.retrieval_fraction * len(train_rows) / (1 - ext.retrieval_fraction))
+    if n_retrieval:
+        task = PasskeyTask(
+            tokenizer, capped_texts(corpus["train"], FILLER_BYTES), "train", ext.passkey_digits, recipe.seed
+        )
+        rng = random.Random(f"{recipe.seed}:retrieval:{phase.seq_len}")
+        eos = tokenizer.token_to_id(EOS)
+        ids = np.asarray([task.document(phase.seq_len, rng, eos) for _ in range(n_retrieval)], dtype=np.int32)
+        positions = np.broadcast_to(np.arange(phase.seq_len, dtype=np.int32), ids.shape)
+        retrieval = datasets.Dataset.from_dict(
+            {"input_ids": ids, "position_ids": positions.copy()}, features=train_rows.features
+        )
+        train_rows = datasets.concatenate_datasets([train_rows, retrieval])
+    return train_rows, val_rows
+
+
+class ExtendModule(PretrainModule):
+    """The pretraining LightningModule with metric steps counted across phases (phase i starts at `step_offset`)."""
+
+    def __init__(self, *args, step_offset: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_offset = step_offset
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        super().record(metrics, step + self.step_offset)
+
+
+def train_phase(
+    recipe: Recipe,
+    phase: ExtendPhase,
+    index: int,
+    source: Path,
+    out: Path,
+    folder: Path,
+    corpus: datasets.DatasetDict,
+    tokenizer: Tokenizer,
+    step_offset: int,
+) -> None:
+    """Fit one phase from the model in `source` (resuming from folder/checkpoints/last.ckpt), save it to `out`."""
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    cfg = phase_training(recipe, phase)
+    train_rows, val_rows = phase_rows(recipe, phase, corpus, tokenizer, folder.parent.parent / "cache")
+    plan = step_plan(cfg, phase.seq_len)
+    pretrained = DSV3ForCausalLM.from_pretrained(source)
+    config = yarn_config(pretrained.config, recipe) if index == 1 else pretrained.config
+    torch.manual_seed(recipe.seed + index)
+    module = ExtendModule(
+        config, cfg, plan, token_byte_lengths(tokenizer, config.vocab_size), step_offset=step_offset
+    )
+    module.model.load_state_dict(pretrained.state_dict())
+    data = PretrainData(train_rows, val_rows, cfg, plan, recipe.seed + index)
+    checkpoints = folder / "checkpoints"
+    callbacks = [
+        LossFreeBalancer(lambda tokens: cfg.bias_update_speed),
+        ModelCheckpoint(
+            dirpath=checkpoints,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=cfg.checkpoint_every_n_steps,
+        ),
+        StepProgressBar(refresh_rate=module.accumulation),
+    ]
+    accelerator = (
+        cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    )
+    tracking = stage_run()
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=None if cfg.precision == "fp8-blockwise" else cfg.precision,
+        max_steps=plan.steps,
+        val_check_interval=cfg.val_every_n_steps * module.accumulation,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO(), *precision_plugins(cfg.precision, cfg.fp8_backend, accelerator)],
+        default_root_dir=folder,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    last = checkpoints / "last.ckpt"
+    resumed_from = (
+        int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]) if last.is_file() else 0
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+    trainer.validate(module, datamodule=data, verbose=False)
+    _write_json(
+        folder / "result.json",
+        {
+            "history": module.history,
+            "resumed_from_step": resumed_from,
+            "steps": plan.steps,
+            "tokens": plan.total_tokens,
+        },
+    )
+    save_model(module, out, source)
+
+
+def perplexity_rows(
+    recipe: Recipe, tokenizer: Tokenizer, validation: datasets.Dataset, cache: Path
+) -> dict[int, torch.Tensor]:
+    """{L: the first extend.perplexity_tokens validation tokens cut into rows of L} (the same text for every L)."""
+    rows = {}
+    for length in recipe.extend.perplexity_lengths:
+        packed = build_lm_dataset(validation, tokenizer, length, 0.0, 0.0, recipe.seed, cache)
+        n = min(len(packed), max(1, recipe.extend.perplexity_tokens // length))
+        if n == 0:
+            raise ValueError(
+                f"the validation split packs into no row of {length} tokens: drop it from extend.perplexity_lengths"
+            )
+        rows[length] = torch.tensor(
+            np.asarray(packed.with_format("numpy")[:n]["input_ids"]), dtype=torch.long
+        )
+    return rows
+
+
+def cached_evaluation(
+    path: Path, model, task: PasskeyTask, ppl_rows: dict[int, torch.Tensor], recipe: Recipe
+) -> dict:
+    """Passkey accuracy per (length, depth) and perplexity per length of `model`, kept in `path` across resumes."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    ext = recipe.extend
+    accuracy = evaluate_passkey(
+        model, task, ext.passkey_lengths, ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
+    )
+    result = {
+        "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
+        "perplexity": {
+            str(k): v for k, v in perplexity_by_length(model, ppl_rows, ext.eval_batch_size).items()
+        },
+    }
+    _write_json(path, result)
+    return result
+
+
+def stage_result(
+    recipe: Recipe,
+    workdir: Path,
+    before: dict,
+    after: dict,
+    history: list[dict[str, float]],
+    resumed_from: dict[int, int],
+    total_steps: int,
+    train_seconds: float,
+    eval_seconds: float,
+) -> StageResult:
+    metrics: dict[str, float] = {}
+    artifacts = []
+    for label, evaluation in (("before", before), ("after", after)):
+        accuracy = {(int(length), float(depth)): acc for length, depth, acc in evaluation["passkey"]}
+        for length in sorted({length for length, _ in accuracy}):
+            cells = [acc for (cell_length, _), acc in accuracy.items() if cell_length == length]
+            metrics[f"passkey_accuracy_{label}_L{length}"] = float(np.mean(cells))
+        for length, value in evaluation["perplexity"].items():
+            metrics[f"ppl_{label}_L{length}"] = value
+        title = f"Passkey retrieval {label} extension (held-out keys and filler)"
+        artifacts.append(plot_passkey_heatmap(accuracy, workdir / f"passkey_{label}.png", title).name)
+    curves = {
+        label: {int(k): v for k, v in e["perplexity"].items()}
+        for label, e in (("before", before), ("after", after))
+    }
+    artifacts.append(
+        plot_perplexity_by_length(curves, workdir / "perplexity_by_length.png", recipe.data.seq_len).name
+    )
+    artifacts.append(plot_losses(history, workdir / "loss_curves.png").name)
+    original = str(recipe.data.seq_len)
+    if original in before["perplexity"]:
+        metrics["ppl_change_at_original_length"] = (
+            after["perplexity"][original] / before["perplexity"][original] - 1
+        )
+    finals = [r for r in history if "val/loss" in r]
+    metrics |= {
+        "final_val_loss": finals[-1]["val/loss"] if finals else math.nan,
+        "steps": float(total_steps),
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+    } | {f"resumed_from_step_phase{i}": float(step) for i, step in resumed_from.items()}
+    lengths = sorted({int(k) for k in after["perplexity"]})
+    judged = [k for k in metrics if k.startswith("passkey_accuracy_after_")]
+    summary = (
+        f"YaRN s={recipe.extend.factor}, phases {' → '.join(str(p.seq_len) for p in recipe.extend.phases)} in "
+        f"{train_seconds:.0f}s; passkey accuracy before/after: "
+        + ", ".join(
+            f"L{k.rsplit('_L', 1)[1]} {metrics[k.replace('after', 'before')]:.0%}/{metrics[k]:.0%}"
+            for k in judged
+        )
+        + "; perplexity before/after: "
+        + ", ".join(
+            f"L{k} {before['perplexity'][str(k)]:.1f}/{after['perplexity'][str(k)]:.1f}" for k in lengths
+        )
+    )
+    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary)

@@ -1,0 +1,134 @@
+"""dsv3/stages/extend.py on the smoke recipe: the YaRN config it builds equals transformers' yarn RoPE (frequencies,
+cos/sin factor and the softmax scale of DeepseekV3Attention); the stage trains both phases, evaluates before and
+after, writes a loadable YaRN model; a run killed with SIGKILL mid-phase resumes from its checkpoint and finishes."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+from dsv3.config import RecipeError, load_recipe
+from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.stages.extend import yarn_config
+from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runner import run_stage
+from tests.conftest import RECIPES, REPO
+
+KILLABLE_RUN = """
+import sys
+from dsv3.config import load_recipe
+from dsv3.stages.runner import run_stage
+recipe = load_recipe(sys.argv[1], sys.argv[3:])
+for stage in ("tokenizer", "pretrain", "extend"):
+    run_stage(stage, recipe, sys.argv[2])
+"""
+
+
+def smoke(name: str, *overrides: str):
+    return load_recipe(RECIPES / "smoke.yaml", [f"name={name}", *overrides])
+
+
+def test_yarn_config_matches_transformers_rope_and_softmax_scale():
+    recipe = load_recipe(
+        RECIPES / "tiny.yaml", ["extend.factor=40", "extend.mscale=0.707", "extend.mscale_all_dim=0.707"]
+    )
+    plain = DSV3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=16,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    config = yarn_config(plain, recipe)
+    assert config.rope_parameters["original_max_position_embeddings"] == recipe.data.seq_len
+    hf = DeepseekV3Config(
+        rope_parameters=dict(config.rope_parameters),
+        max_position_embeddings=config.max_position_embeddings,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_attention_heads=2,
+        hidden_size=32,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+    )
+    expected_freq, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    model = DSV3ForCausalLM(config)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected_freq)
+    assert math.isclose(model.model.rotary_emb.attention_factor, expected_factor)
+    expected_scale = DeepseekV3Attention(hf, layer_idx=0).scaling
+    assert math.isclose(model.model.layers[0].self_attn.softmax_scale, expected_scale, rel_tol=1e-12)
+    assert expected_scale > 24**-0.5  # mscale² > 1 actually scaled the softmax
+
+
+def test_phases_must_grow():
+    with pytest.raises(RecipeError, match="extend.phases"):
+        smoke("bad", "extend.phases=[{seq_len: 256, steps: 1}, {seq_len: 128, steps: 1}]")
+
+
+def kill_mid_phase(runs_dir: Path, name: str) -> int:
+    """Run the pipeline up to extend in a subprocess; SIGKILL it once phase 1 has written a checkpoint."""
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = runs_dir / name / "extend" / "phase1" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    return process.wait()
+
+
+@pytest.mark.slow
+def test_extend_runs_and_resumes_after_kill(runs_dir):
+    name = "smoke-extend"
+    assert kill_mid_phase(runs_dir, name) == -signal.SIGKILL
+    workdir = runs_dir / name / "extend"
+    assert read_manifest(workdir).status == "running"
+    assert not (workdir / "model").exists()
+    recipe = smoke(name)
+    outcome = run_stage("extend", recipe, runs_dir)
+    assert outcome.action == "resumed"
+    metrics = outcome.manifest.metrics
+    assert 0 < metrics["resumed_from_step_phase1"] < recipe.extend.phases[0].steps
+    assert metrics["steps"] == sum(p.steps for p in recipe.extend.phases)
+    for label in ("before", "after"):
+        for length in recipe.extend.passkey_lengths:
+            assert 0 <= metrics[f"passkey_accuracy_{label}_L{length}"] <= 1
+        for length in recipe.extend.perplexity_lengths:
+            assert math.isfinite(metrics[f"ppl_{label}_L{length}"])
+    for artifact in (
+        "passkey_before.png",
+        "passkey_after.png",
+        "perplexity_by_length.png",
+        "loss_curves.png",
+    ):
+        assert (workdir / artifact).is_file(), artifact
+
+    model = DSV3ForCausalLM.from_pretrained(workdir / "model")
+    rope = model.config.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == recipe.extend.factor
+    assert rope["original_max_position_embeddings"] == recipe.data.seq_len
+    assert (workdir / "model" / "tokenizer.json").is_file()
+    assert run_stage("extend", recipe, runs_dir).action == "skipped"

@@ -1,0 +1,65 @@
+"""dsv3/eval/perplexity.py on hand-made models whose perplexity is known exactly."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dsv3.eval.perplexity import perplexity, perplexity_by_length, plot_perplexity_by_length
+
+V = 16
+
+
+class Uniform(torch.nn.Module):
+    """Equal logits for every token: perplexity = V whatever the text."""
+
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, V))
+
+
+class CountsBack(torch.nn.Module):
+    """Knows the next token (previous + 1 mod V) once it has seen `warmup` tokens of its row; uniform before.
+    On rows of length T its perplexity is V^((warmup−1)/(T−1)): the first warmup−1 targets are guesses."""
+
+    def __init__(self, warmup: int):
+        super().__init__()
+        self.warmup = warmup
+
+    def forward(self, input_ids, **kwargs):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, V)
+        sure = torch.nn.functional.one_hot((input_ids + 1) % V, V).float() * 1e4
+        logits[:, self.warmup - 1 :] = sure[:, self.warmup - 1 :]
+        return SimpleNamespace(logits=logits)
+
+
+def counting_rows(n: int, length: int) -> torch.Tensor:
+    return (torch.arange(n * length) % V).view(n, length)
+
+
+def test_uniform_model_has_perplexity_vocab_size():
+    assert perplexity(Uniform(), torch.randint(0, V, (5, 9)), batch_size=2) == pytest.approx(V)
+
+
+def test_perplexity_falls_with_context_length_as_predicted():
+    model = CountsBack(warmup=4)
+    rows = {length: counting_rows(64 // length, length) for length in (8, 16, 32)}
+    got = perplexity_by_length(model, rows, batch_size=3)
+    for length, value in got.items():
+        assert value == pytest.approx(V ** (3 / (length - 1)), rel=1e-6)
+    assert got[8] > got[16] > got[32]
+
+
+def test_bad_rows_are_refused():
+    with pytest.raises(ValueError, match="expected"):
+        perplexity_by_length(Uniform(), {8: torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="rows"):
+        perplexity(Uniform(), torch.zeros(0, 4, dtype=torch.long))
+
+
+def test_plot(tmp_path):
+    path = plot_perplexity_by_length(
+        {"before": {8: 20.0, 16: 30.0}, "after": {8: 19.0, 16: 18.0}}, tmp_path / "p.png", 8
+    )
+    assert path.read_bytes()[:4] == b"\x89PNG" and math.isfinite(path.stat().st_size)
