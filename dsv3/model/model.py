@@ -41,6 +41,10 @@ class DSV3Config(PreTrainedConfig):
 
     model_type = "dsv3"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Not remote code: TRL (create_model_from_path, used for GRPO's reference model) reads `config.auto_map` for
+    # architectures transformers does not ship; an empty map sends it to AutoModelForCausalLM, where dsv3 is
+    # registered. Must be {} (None breaks transformers).
+    auto_map = {}  # noqa: RUF012
 
     vocab_size: int = 129280
     hidden_size: int = 7168
