@@ -9,7 +9,7 @@ DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
 
-.PHONY: setup test test-all lint pipeline ablations ui clean-runs help $(STAGES)
+.PHONY: setup test lint pipeline ablations ui clean-runs help $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
