@@ -170,7 +170,7 @@ def kill_after_checkpoint(runs_dir: Path, overrides: list[str]) -> int:
 
 
 def test_stage_resumes_after_kill_and_logs_to_its_mlflow_run(runs_dir, pretrained):
-    overrides = ["sft.train_problems=100", "sft.log_steps=1"]
+    overrides = ["sft.train_problems=100", "sft.log_steps=1", "pipeline.stages=[tokenizer,pretrain,sft]"]
     recipe = smoke(*overrides)
     fake_pretrain_stage(runs_dir, recipe.name, pretrained)
     killed_at = kill_after_checkpoint(runs_dir, overrides)
@@ -199,7 +199,7 @@ def test_stage_resumes_after_kill_and_logs_to_its_mlflow_run(runs_dir, pretraine
 def test_recipe_and_data_errors(tmp_path):
     with pytest.raises(RecipeError, match="sft.lr_final"):
         smoke("sft.lr_final=1.0")
-    assert sft.inputs(smoke()) == ("pretrain",)
+    assert sft.inputs(smoke("pipeline.stages=[tokenizer,pretrain,sft]")) == ("pretrain",)
     assert sft.inputs(smoke("pipeline.stages=[tokenizer,pretrain,extend,sft]")) == ("extend",)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [{"role": "bot"}]}) + "\n")
