@@ -201,7 +201,7 @@ def key_metrics(metrics: dict[str, float]) -> list[str]:
 
 def token_counts(metrics: dict[str, float]) -> list[str]:
     """Metric names that count tokens (`tokens_seen`, `train_tokens`), training counts first."""
-    names = [n for n in metrics if TOKEN_COUNT.search(n)]
+    names = [n for n in metrics if TOKEN_COUNT.search(n) and not re.search(r"mean|per_|_per", n)]
     return sorted(names, key=lambda n: (n.startswith("val"), n))
 
 

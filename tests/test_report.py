@@ -132,6 +132,7 @@ def test_key_metrics_and_token_counts_pick_known_names():
     assert key_metrics(metrics) == ["val_loss", "passkey_accuracy_4x"]
     assert key_metrics({"b": 1.0, "a": 2.0, "stage_seconds": 3.0}) == ["b", "a"]
     counts = {"val_tokens": 1.0, "tokens_seen": 2.0, "bytes_per_token": 3.0, "tokens_per_second": 4.0}
+    counts |= {"heldout_mean_completion_tokens": 65.0, "tokens_per_s_median": 3000.0}
     assert token_counts(counts) == ["tokens_seen", "val_tokens"]
 
 
