@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -72,6 +73,9 @@ class Tracker:
         self.log_params(run_id, params)
         saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
         os.environ.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_RUN_ID=run_id)
+        # MLflow's fluent API keeps the first URI it was given for the whole process (transformers' callback
+        # sets it only if unset), so a second store in the same process would look for this run in the first.
+        mlflow.set_tracking_uri(self.uri)
         try:
             with self._terminated(run_id):
                 yield run_id

@@ -56,7 +56,8 @@ def test_flow_runs_skips_and_rebuilds(runs_dir):
 
 
 def test_until_must_be_a_stage_of_the_recipe():
-    recipe = load_recipe(SMOKE)
-    assert stages_to_run(recipe, None) == list(recipe.pipeline.stages)
+    recipe = load_recipe(SMOKE, ["pipeline.stages=[tokenizer,pretrain]"])
+    assert stages_to_run(recipe, None) == ["tokenizer", "pretrain"]
+    assert stages_to_run(recipe, "tokenizer") == ["tokenizer"]
     with pytest.raises(ValueError, match="--until rl: not a stage of recipe smoke"):
         stages_to_run(recipe, "rl")

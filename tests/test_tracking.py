@@ -37,3 +37,17 @@ def test_nested_stage_run_and_environment(tmp_path):
     failed = [r for r in client.search_runs([tracker.experiment_id]) if r.info.run_name == "pretrain"]
     assert failed[0].info.status == "FAILED"
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_fluent_api_follows_the_stage_store(tmp_path, monkeypatch):
+    """Libraries that log through mlflow's fluent API (transformers' MLflowCallback resumes MLFLOW_RUN_ID with
+    mlflow.start_run) find the stage run even after something in the process pinned another store globally."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # an earlier stage's callback pinned it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # ...and that stage's Tracker restored the environment
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    with tracker.stage_run("sft", {}) as run_id:
+        with mlflow.start_run():
+            mlflow.log_metric("loss", 1.0)
+    assert MlflowClient(tracker.uri).get_run(run_id).data.metrics == {"loss": 1.0}
