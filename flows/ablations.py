@@ -57,7 +57,7 @@ from dsv3.stages.corpus import recipe_corpus  # noqa: E402
 from dsv3.stages.manifest import is_trusted, read_manifest  # noqa: E402
 from dsv3.stages.runner import StageInputError, code_version, run_root, run_stage, stage_key  # noqa: E402
 from dsv3.tracking import PARENT_TAG, Tracker  # noqa: E402
-from flows.pipeline import _artifact_key, _stage_markdown, manifest_cache_key  # noqa: E402
+from flows.pipeline import artifact_key, manifest_cache_key, stage_markdown  # noqa: E402
 
 EXPERIMENT = "dsv3-ablations"
 REPORT_DIR = "ablations"  # runs/ablations/: the comparison
@@ -77,8 +77,8 @@ def arm_stage_task(
     if outcome.action != "skipped":
         tracker.set_tags(m.mlflow_run_id, tags)
     create_markdown_artifact(
-        key=_artifact_key(f"{parsed.name}-{stage}"),
-        markdown=_stage_markdown(
+        key=artifact_key(f"{parsed.name}-{stage}"),
+        markdown=stage_markdown(
             stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
         ),
         description=f"{stage} stage of ablation arm {parsed.name}",

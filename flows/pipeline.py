@@ -65,8 +65,8 @@ def stage_task(
     m = outcome.manifest
     get_run_logger().info("%s: %s in %s", stage, outcome.action, outcome.workdir)
     create_markdown_artifact(
-        key=_artifact_key(f"{parsed.name}-{stage}"),
-        markdown=_stage_markdown(
+        key=artifact_key(f"{parsed.name}-{stage}"),
+        markdown=stage_markdown(
             stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
         ),
         description=f"{stage} stage of recipe {parsed.name}",
@@ -139,7 +139,7 @@ def publish_report(run_dir: Path, tracker: Tracker, parent_run_id: str) -> Path:
     """Write the report card, show it as a Prefect markdown artifact, attach both files to the parent run."""
     md_path, html_path = write_report(run_dir)
     create_markdown_artifact(
-        key=_artifact_key(f"{run_dir.name}-report"),
+        key=artifact_key(f"{run_dir.name}-report"),
         markdown=report_markdown(run_dir, link_plots=False),
         description=f"report card of {run_dir}; {html_path.name} there has the plots",
     )
@@ -148,11 +148,11 @@ def publish_report(run_dir: Path, tracker: Tracker, parent_run_id: str) -> Path:
     return html_path
 
 
-def _artifact_key(text: str) -> str:
+def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def _stage_markdown(
+def stage_markdown(
     stage: str, action: str, workdir: Path, metrics: dict, run_id: str | None, summary: str
 ) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))

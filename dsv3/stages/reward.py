@@ -38,12 +38,12 @@ from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from dsv3.config import Recipe, RewardSection  # noqa: E402
 from dsv3.data.chat import conversation  # noqa: E402
-from dsv3.data.math_tasks import boxed_spans, generate_problems  # noqa: E402
+from dsv3.data.math_tasks import boxed_spans  # noqa: E402
 from dsv3.eval.accuracy import answer_is_correct, generate_completions  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
-from dsv3.stages.sft import ResumeStep, last_checkpoint, save_model, train  # noqa: E402
+from dsv3.stages.sft import ResumeStep, last_checkpoint, recipe_problems, save_model, train  # noqa: E402
 from dsv3.tracking import stage_run  # noqa: E402
 
 SECTIONS = ("reward",)
@@ -190,13 +190,8 @@ def load_or_build_pairs(path: Path, cfg: RewardSection, seed: int, sft_model: Pa
     wrote it, else built (sampling the SFT model) and written atomically."""
     if path.is_file():
         return json.loads(path.read_text())
-    kinds = tuple(cfg.problem_kinds)
-    train_problems = generate_problems(
-        cfg.train_problems, "train", seed, cfg.problem_steps, cfg.max_operand, kinds
-    )
-    heldout_problems = generate_problems(
-        cfg.heldout_problems, "heldout", seed, cfg.problem_steps, cfg.max_operand, kinds
-    )
+    train_problems = recipe_problems(cfg, "train", seed)
+    heldout_problems = recipe_problems(cfg, "heldout", seed)
     n_sampled = min(cfg.sampled_problems, cfg.train_problems)
     n_heldout_sampled = min(cfg.sampled_problems, cfg.heldout_problems)
     samples = sample_answers(sft_model, tokenizer, train_problems[:n_sampled], cfg, seed)

@@ -32,12 +32,12 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from dsv3.config import Recipe, RlSection  # noqa: E402
-from dsv3.data.math_tasks import generate_problems, rl_example  # noqa: E402
+from dsv3.data.math_tasks import rl_example  # noqa: E402
 from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_reward  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
-from dsv3.stages.sft import ResumeStep, last_checkpoint, save_model, train  # noqa: E402
+from dsv3.stages.sft import ResumeStep, last_checkpoint, recipe_problems, save_model, train  # noqa: E402
 from dsv3.tracking import stage_run  # noqa: E402
 
 SECTIONS = ("rl",)
@@ -46,6 +46,7 @@ OUTPUT = "model"
 CHECKPOINTS = "checkpoints"
 PLOT = "rl_rewards.png"
 REWARD_NAMES = ("correctness_reward", "format_reward", "reward_model")
+
 
 def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     cfg = check_recipe(recipe)
@@ -63,14 +64,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     train_seconds = time.perf_counter() - started
     save_model(trainer.model, tokenizer, workdir / OUTPUT)
 
-    heldout = generate_problems(
-        cfg.heldout_problems,
-        "heldout",
-        recipe.seed,
-        cfg.problem_steps,
-        cfg.max_operand,
-        tuple(cfg.problem_kinds),
-    )
+    heldout = recipe_problems(cfg, "heldout", recipe.seed)
     started = time.perf_counter()
     scores = {
         "sft": evaluate(DSV3ForCausalLM.from_pretrained(sft_dir), tokenizer, heldout, cfg, recipe.seed),
@@ -152,9 +146,7 @@ def build_trainer(
     policy, tokenizer, reward_model, reward_tokenizer, cfg: RlSection, workdir: Path, seed: int
 ) -> GRPOTrainer:
     """GRPOTrainer on conversational prompts of generated train problems; rewards in REWARD_NAMES order."""
-    problems = generate_problems(
-        cfg.train_problems, "train", seed, cfg.problem_steps, cfg.max_operand, tuple(cfg.problem_kinds)
-    )
+    problems = recipe_problems(cfg, "train", seed)
     args = grpo_config(cfg, workdir / CHECKPOINTS, seed)
     reward_model.to(args.device)
     return GRPOTrainer(

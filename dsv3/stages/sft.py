@@ -65,14 +65,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     train_seconds = time.perf_counter() - started
     save_model(trainer.model, tokenizer, workdir / OUTPUT)
 
-    heldout = generate_problems(
-        cfg.heldout_problems,
-        "heldout",
-        recipe.seed,
-        cfg.problem_steps,
-        cfg.max_operand,
-        tuple(cfg.problem_kinds),
-    )
+    heldout = recipe_problems(cfg, "heldout", recipe.seed)
     started = time.perf_counter()
     scores = evaluate_accuracy(
         trainer.model, tokenizer, heldout, cfg.eval_max_new_tokens, cfg.eval_batch_size
@@ -105,6 +98,13 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         f"on {len(heldout)} problems."
     )
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[LOSS_PLOT], summary=summary)
+
+
+def recipe_problems(cfg, split: str, seed: int) -> list[dict]:
+    """The section's generated math problems of one split ("train" | "heldout"), at its difficulty; `cfg` is any
+    post-training section with train_problems, heldout_problems, problem_steps, max_operand, problem_kinds."""
+    n = cfg.train_problems if split == "train" else cfg.heldout_problems
+    return generate_problems(n, split, seed, cfg.problem_steps, cfg.max_operand, tuple(cfg.problem_kinds))
 
 
 def check_recipe(recipe: Recipe) -> SftSection:
@@ -148,9 +148,7 @@ def sft_dataset(cfg: SftSection, seed: int, tokenizer) -> tuple[datasets.Dataset
     """Conversations {"messages"}: worked solutions of generated train problems, then the chat files; samples
     longer than max_seq_len tokens (which packing would truncate, cutting off the answer) are left out.
     Returns the dataset and the number left out."""
-    problems = generate_problems(
-        cfg.train_problems, "train", seed, cfg.problem_steps, cfg.max_operand, tuple(cfg.problem_kinds)
-    )
+    problems = recipe_problems(cfg, "train", seed)
     rows = [sft_example(p) for p in problems]
     for path in cfg.chat_data:
         rows += read_chat_data(path)
