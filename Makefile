@@ -32,12 +32,15 @@ lint:  ## ruff
 	$(BIN)/ruff check dsv3 flows tests benchmarks
 
 pipeline:  ## run every stage of $(RECIPE) through the Prefect flow
+	@mkdir -p $(RUNS)
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(SET)
 
 ablations:  ## paired tiny pretrainings (recipes/ablations): FP8, balancing, MTP vs the papers -> $(RUNS)/ablations/
+	@mkdir -p $(RUNS)
 	$(BIN)/python -m flows.ablations --recipes recipes/ablations --runs-dir $(RUNS)
 
 $(STAGES):
+	@mkdir -p $(RUNS)
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) --until $@ $(SET)
 
 ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)
