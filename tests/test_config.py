@@ -121,3 +121,22 @@ def test_flatten_and_stage_order():
     assert flat["data.seq_len"] == 64 and all(k.startswith("data.") for k in flat)
     assert STAGE_ORDER == ("tokenizer", "pretrain", "extend", "sft", "reward", "rl")
     assert set(Recipe.model_fields) >= {"name", "seed", "pipeline", "data", "tokenizer", "model"}
+
+
+SHIPPED = sorted([*RECIPES.glob("*.yaml"), *RECIPES.glob("ablations/*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.relative_to(RECIPES).as_posix() for p in SHIPPED])
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name and recipe.model is not None
+
+
+def test_small_recipe_is_the_one_gpu_run():
+    small = load_recipe(RECIPES / "small.yaml")
+    assert small.data.source == "hf" and small.data.hf_name and small.data.max_documents
+    assert 1024 <= small.data.seq_len <= 2048 and small.model.max_position_embeddings == small.data.seq_len
+    assert [p.seq_len for p in small.extend.phases] == [4 * small.data.seq_len, 8 * small.data.seq_len]
+    assert small.pretrain.precision == "bf16-mixed" and small.pretrain.accelerator == "gpu"
+    assert small.pretrain.bias_update_speed == 0.001 and small.pretrain.lr_decay_start_fraction == 0.676
+    assert small.pipeline.stages == list(STAGE_ORDER)

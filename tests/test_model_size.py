@@ -1,6 +1,8 @@
 """The paper's model (report §4.2, DeepSeek's released config.json) built on the meta device: 671B / 37B / MTP."""
 
+from dsv3.config import load_recipe
 from dsv3.model import DSV3Config, count_parameters
+from tests.conftest import RECIPES
 
 V3 = dict(
     vocab_size=129280,
@@ -35,4 +37,21 @@ def test_deepseek_v3_counts_671b_total_37b_active(capsys):
         print(
             f"\nDeepSeek-V3: {counts['total'] / 1e9:.2f}B total, {counts['active'] / 1e9:.2f}B active per token, "
             f"MTP module {counts['mtp'] / 1e9:.2f}B (shared embedding and head not counted)"
+        )
+
+
+def test_small_recipe_counts_288m_total_106m_active(capsys):
+    """recipes/small.yaml (the one-GPU run) as its header states: 287.7M total, 106.0M active, within 100-300M."""
+    recipe = load_recipe(RECIPES / "small.yaml")
+    fields = recipe.model.model_dump(exclude={"rope_scaling", "rope_theta"})
+    fields["vocab_size"] = fields["vocab_size"] or recipe.tokenizer.vocab_size  # null = the tokenizer's
+    counts = count_parameters(DSV3Config(**fields))
+    assert 100e6 <= counts["total"] <= 300e6
+    assert abs(counts["total"] / 287.7e6 - 1) <= 0.001
+    assert abs(counts["active"] / 106.0e6 - 1) <= 0.001
+    assert abs(counts["mtp"] / 22.3e6 - 1) <= 0.002
+    with capsys.disabled():
+        print(
+            f"\nsmall.yaml: {counts['total'] / 1e6:.1f}M total, {counts['active'] / 1e6:.1f}M active per token, "
+            f"MTP module {counts['mtp'] / 1e6:.1f}M"
         )
