@@ -269,7 +269,19 @@ class ExtendSection(Section):
         return self
 
 
-class SftSection(Section):
+class ProblemsSection(Section):
+    """The verifiable math problems a post-training stage draws (dsv3.data.math_tasks): how many, how hard."""
+
+    train_problems: int = Field(500, gt=0, description="generated train problems")
+    heldout_problems: int = Field(100, gt=0, description="held-out problems (never trained on)")
+    problem_steps: int = Field(2, ge=1, description="difficulty: operations, or equation form (math_tasks)")
+    max_operand: int = Field(20, ge=2, description="difficulty: largest number in a problem")
+    problem_kinds: list[Literal["arithmetic", "linear"]] = Field(
+        default_factory=lambda: ["arithmetic", "linear"], min_length=1, description="generated problem kinds"
+    )
+
+
+class SftSection(ProblemsSection):
     """Supervised fine-tuning (PAPER.md, "Post-training"): 2 epochs, cosine LR 5e-6 → 1e-6, samples packed with
     sample masking, loss on assistant tokens only. Data: generated math problems with worked solutions, plus
     optional chat files; evaluation: greedy accuracy and format rate on held-out problems."""
@@ -284,11 +296,6 @@ class SftSection(Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_seq_len: int = Field(4096, ge=16, description="packing length; longer samples are left out")
     train_problems: int = Field(2000, gt=0, description="generated math problems with worked solutions")
-    problem_steps: int = Field(2, ge=1, description="difficulty: operations (arithmetic) or equation form (linear)")
-    max_operand: int = Field(20, ge=2, description="difficulty: largest number in a problem")
-    problem_kinds: list[Literal["arithmetic", "linear"]] = Field(
-        default_factory=lambda: ["arithmetic", "linear"], min_length=1, description="generated problem kinds"
-    )
     heldout_problems: int = Field(200, gt=0, description="held-out problems for the accuracy evaluation")
     chat_data: list[str] = Field(
         default_factory=list, description='local jsonl files of {"messages": [...]} rows (paths from the working directory)'
@@ -305,18 +312,6 @@ class SftSection(Section):
         if self.lr_final > self.lr_peak:
             raise ValueError("sft.lr_final: must be at most sft.lr_peak (the cosine decays)")
         return self
-
-
-class ProblemsSection(Section):
-    """The verifiable math problems a post-training stage draws (dsv3.data.math_tasks): how many, how hard."""
-
-    train_problems: int = Field(500, gt=0, description="generated train problems")
-    heldout_problems: int = Field(100, gt=0, description="held-out problems (never trained on)")
-    problem_steps: int = Field(2, ge=1, description="difficulty: operations, or equation form (math_tasks)")
-    max_operand: int = Field(20, ge=2, description="difficulty: largest number in a problem")
-    problem_kinds: list[Literal["arithmetic", "linear"]] = Field(
-        default_factory=lambda: ["arithmetic", "linear"], min_length=1, description="generated problem kinds"
-    )
 
 
 class RewardSection(ProblemsSection):

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from dsv3.config import Recipe, SftSection  # noqa: E402
+from dsv3.config import ProblemsSection, Recipe, SftSection  # noqa: E402
 from dsv3.data.chat import check_messages, format_conversation  # noqa: E402
 from dsv3.data.math_tasks import generate_problems, sft_example  # noqa: E402
 from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
@@ -100,9 +100,8 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[LOSS_PLOT], summary=summary)
 
 
-def recipe_problems(cfg, split: str, seed: int) -> list[dict]:
-    """The section's generated math problems of one split ("train" | "heldout"), at its difficulty; `cfg` is any
-    post-training section with train_problems, heldout_problems, problem_steps, max_operand, problem_kinds."""
+def recipe_problems(cfg: ProblemsSection, split: str, seed: int) -> list[dict]:
+    """A post-training section's generated math problems of one split ("train" | "heldout"), at its difficulty."""
     n = cfg.train_problems if split == "train" else cfg.heldout_problems
     return generate_problems(n, split, seed, cfg.problem_steps, cfg.max_operand, tuple(cfg.problem_kinds))
 
