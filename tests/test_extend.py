@@ -118,6 +118,7 @@ def test_extend_runs_and_resumes_after_kill(runs_dir):
             assert 0 <= metrics[f"passkey_accuracy_{label}_L{length}"] <= 1
         for length in recipe.extend.perplexity_lengths:
             assert math.isfinite(metrics[f"ppl_{label}_L{length}"])
+        assert metrics[f"second_copy_loss_{label}"] > 0 and math.isfinite(metrics[f"induction_gain_{label}"])
     for artifact in (
         "passkey_before.png",
         "passkey_after.png",

@@ -8,7 +8,9 @@ updates at extend.bias_update_speed), with a constant LR after an optional warm-
 (extend.retrieval_fraction) are synthetic passkey documents: training keys hidden in training-split filler.
 
 Evaluation, before and after: passkey accuracy per (length, depth) with held-out keys and validation-split filler
-(dsv3.eval.passkey) and validation perplexity by context length (dsv3.eval.perplexity).
+(dsv3.eval.passkey), validation perplexity by context length (dsv3.eval.perplexity), and the induction gain of
+repeated random sequences (dsv3.eval.induction) — whether the model can copy from its context at all, which
+retrieval needs.
 
 Checkpoints: `phase<i>/checkpoints/last.ckpt` during phase i; a finished phase writes `phase<i>/model` (the last
 phase writes `model/`). A rerun after a kill skips finished phases and resumes the current one from last.ckpt.
@@ -35,6 +37,7 @@ from tokenizers import Tokenizer
 from dsv3.config import ExtendPhase, PretrainSection, Recipe
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.tokenizer import EOS, load_tokenizer
+from dsv3.eval.induction import copy_losses, repeated_random_rows
 from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatmap
 from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
 from dsv3.model import DSV3Config, DSV3ForCausalLM
@@ -51,6 +54,7 @@ SECTIONS = ("data", "pretrain", "extend")
 INPUTS = ("pretrain",)
 OUTPUT = "model"
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
+COPY_ROWS, COPY_LENGTH = 16, 64  # the in-context copying probe: 16 random sequences of 64 tokens, each repeated
 
 
 def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
@@ -62,10 +66,13 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     ext = recipe.extend
     heldout = PasskeyTask(tokenizer, corpus["validation"]["text"], "heldout", ext.passkey_digits, recipe.seed)
     ppl_rows = perplexity_rows(recipe, tokenizer, corpus["validation"], workdir.parent / "cache")
+    special = tokenizer.get_added_tokens_decoder()
+    ordinary = [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True)) if i not in special]
+    copy_rows = repeated_random_rows(ordinary, COPY_ROWS, COPY_LENGTH, recipe.seed)
 
     started = time.perf_counter()
     before = cached_evaluation(
-        workdir / "eval_before.json", DSV3ForCausalLM.from_pretrained(source), heldout, ppl_rows, recipe
+        workdir / "eval_before.json", DSV3ForCausalLM.from_pretrained(source), heldout, ppl_rows, copy_rows, recipe
     )
     eval_seconds = time.perf_counter() - started
     history: list[dict[str, float]] = []
@@ -89,6 +96,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         DSV3ForCausalLM.from_pretrained(workdir / OUTPUT),
         heldout,
         ppl_rows,
+        copy_rows,
         recipe,
     )
     eval_seconds += time.perf_counter() - started
@@ -311,9 +319,15 @@ def perplexity_rows(
 
 
 def cached_evaluation(
-    path: Path, model, task: PasskeyTask, ppl_rows: dict[int, torch.Tensor], recipe: Recipe
+    path: Path,
+    model,
+    task: PasskeyTask,
+    ppl_rows: dict[int, torch.Tensor],
+    copy_rows: torch.Tensor,
+    recipe: Recipe,
 ) -> dict:
-    """Passkey accuracy per (length, depth) and perplexity per length of `model`, kept in `path` across resumes."""
+    """Passkey accuracy per (length, depth), perplexity per length and in-context copying (dsv3.eval.induction)
+    of `model`, kept in `path` across resumes."""
     if path.is_file():
         return json.loads(path.read_text())
     ext = recipe.extend
@@ -325,6 +339,7 @@ def cached_evaluation(
         "perplexity": {
             str(k): v for k, v in perplexity_by_length(model, ppl_rows, ext.eval_batch_size).items()
         },
+        "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
     }
     _write_json(path, result)
     return result
@@ -350,6 +365,8 @@ def stage_result(
             metrics[f"passkey_accuracy_{label}_L{length}"] = float(np.mean(cells))
         for length, value in evaluation["perplexity"].items():
             metrics[f"ppl_{label}_L{length}"] = value
+        metrics[f"induction_gain_{label}"] = evaluation["copying"]["induction_gain"]
+        metrics[f"second_copy_loss_{label}"] = evaluation["copying"]["second_copy_loss"]
         title = f"Passkey retrieval {label} extension (held-out keys and filler)"
         artifacts.append(plot_passkey_heatmap(accuracy, workdir / f"passkey_{label}.png", title).name)
     curves = {
@@ -385,5 +402,7 @@ def stage_result(
         + ", ".join(
             f"L{k} {before['perplexity'][str(k)]:.1f}/{after['perplexity'][str(k)]:.1f}" for k in lengths
         )
+        + f"; induction gain before/after: {metrics['induction_gain_before']:.2f}/"
+        f"{metrics['induction_gain_after']:.2f} nats (0 = no in-context copying)"
     )
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary)
