@@ -23,9 +23,9 @@ from dsv3.eval.accuracy import answer_is_correct
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
 from dsv3.stages import reward
 from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
+from dsv3.stages.post_training import last_checkpoint
 from dsv3.stages.pretrain import model_config
 from dsv3.stages.runner import run_stage
-from dsv3.stages.sft import last_checkpoint
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES, REPO
 

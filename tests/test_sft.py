@@ -23,6 +23,7 @@ from dsv3.data.tokenizer import ASSISTANT, EOS, save_tokenizer, train_tokenizer
 from dsv3.model import DSV3ForCausalLM
 from dsv3.stages import sft
 from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
+from dsv3.stages.post_training import last_checkpoint
 from dsv3.stages.pretrain import model_config
 from dsv3.stages.runner import run_stage
 from dsv3.tracking import Tracker
@@ -162,11 +163,11 @@ def kill_after_checkpoint(runs_dir: Path, overrides: list[str]) -> int:
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = runs_dir / "smoke" / "sft" / sft.CHECKPOINTS
     deadline = time.time() + 120
-    while sft.last_checkpoint(checkpoints) is None and process.poll() is None and time.time() < deadline:
+    while last_checkpoint(checkpoints) is None and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    return int(sft.last_checkpoint(checkpoints).name.rpartition("-")[2])
+    return int(last_checkpoint(checkpoints).name.rpartition("-")[2])
 
 
 def test_stage_resumes_after_kill_and_logs_to_its_mlflow_run(runs_dir, pretrained):
@@ -210,9 +211,9 @@ def test_recipe_and_data_errors(tmp_path):
 
 
 def test_last_checkpoint_skips_incomplete_ones(tmp_path):
-    assert sft.last_checkpoint(tmp_path) is None
+    assert last_checkpoint(tmp_path) is None
     for step, state in [(4, '{"global_step": 4}'), (8, None), (12, '{"global_st'), (9, '{"global_step": 9}')]:
         (tmp_path / f"checkpoint-{step}").mkdir()
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
-    assert sft.last_checkpoint(tmp_path) == tmp_path / "checkpoint-9"  # 12 half-written, 8 without its state
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-9"  # 12 half-written, 8 without its state

@@ -43,8 +43,14 @@ from dsv3.eval.accuracy import answer_is_correct, generate_completions  # noqa: 
 from dsv3.eval.rewards import RewardModelScore  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
-from dsv3.stages.sft import ResumeStep, last_checkpoint, recipe_problems, save_model, train  # noqa: E402
-from dsv3.tracking import stage_run  # noqa: E402
+from dsv3.stages.post_training import (  # noqa: E402
+    ResumeStep,
+    last_checkpoint,
+    recipe_problems,
+    save_model,
+    shared_arguments,
+    train,
+)
 
 SECTIONS = ("reward",)
 INPUTS = ("sft",)
@@ -215,10 +221,7 @@ def load_or_build_pairs(path: Path, cfg: RewardSection, seed: int, sft_model: Pa
 def reward_config(cfg: RewardSection, output_dir: Path, seed: int) -> RewardConfig:
     """TRL settings: Bradley-Terry on conversational pairs, linear LR decay, fp32, checkpoints, MLflow."""
     return RewardConfig(
-        output_dir=str(output_dir),
-        run_name="reward",
-        seed=seed,
-        data_seed=seed,
+        **shared_arguments("reward", output_dir, seed, cfg.save_steps, cfg.log_steps),
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.per_device_batch_size,
@@ -226,13 +229,6 @@ def reward_config(cfg: RewardSection, output_dir: Path, seed: int) -> RewardConf
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         activation_checkpointing=False,
         bf16=False,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        logging_steps=cfg.log_steps,
-        logging_first_step=True,
-        report_to=["mlflow"] if stage_run() else [],
-        dataloader_num_workers=0,
     )
 
 

@@ -37,8 +37,14 @@ from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_reward  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
-from dsv3.stages.sft import ResumeStep, last_checkpoint, recipe_problems, save_model, train  # noqa: E402
-from dsv3.tracking import stage_run  # noqa: E402
+from dsv3.stages.post_training import (  # noqa: E402
+    ResumeStep,
+    last_checkpoint,
+    recipe_problems,
+    save_model,
+    shared_arguments,
+    train,
+)
 
 SECTIONS = ("rl",)
 INPUTS = ("sft", "reward")
@@ -110,10 +116,7 @@ def grpo_config(cfg: RlSection, output_dir: Path, seed: int) -> GRPOConfig:
     """TRL settings: G completions per prompt, `prompts_per_step` prompts per optimizer step, one generation per
     step, the paper's loss ("grpo": per-answer token mean), k3 KL with β, clip ε, constant LR, fp32."""
     return GRPOConfig(
-        output_dir=str(output_dir),
-        run_name="rl",
-        seed=seed,
-        data_seed=seed,
+        **shared_arguments("rl", output_dir, seed, cfg.save_steps, cfg.log_steps),
         learning_rate=cfg.lr,
         lr_scheduler_type="constant",
         max_steps=cfg.steps,
@@ -133,12 +136,6 @@ def grpo_config(cfg: RlSection, output_dir: Path, seed: int) -> GRPOConfig:
         disable_dropout=True,
         activation_checkpointing=False,
         bf16=False,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        logging_steps=cfg.log_steps,
-        report_to=["mlflow"] if stage_run() else [],
-        dataloader_num_workers=0,
     )
 
 

@@ -19,8 +19,6 @@ completion length, training time. Artifact: the loss curve.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -29,16 +27,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from dsv3.config import ProblemsSection, Recipe, SftSection  # noqa: E402
+from dsv3.config import Recipe, SftSection  # noqa: E402
 from dsv3.data.chat import check_messages, format_conversation  # noqa: E402
-from dsv3.data.math_tasks import generate_problems, sft_example  # noqa: E402
+from dsv3.data.math_tasks import sft_example  # noqa: E402
 from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.model import DSV3ForCausalLM  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
-from dsv3.tracking import stage_run  # noqa: E402
+from dsv3.stages.post_training import (  # noqa: E402
+    ResumeStep,
+    last_checkpoint,
+    recipe_problems,
+    save_model,
+    shared_arguments,
+    train,
+)
 
 SECTIONS = ("sft",)
 OUTPUT = "model"
@@ -100,12 +105,6 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[LOSS_PLOT], summary=summary)
 
 
-def recipe_problems(cfg: ProblemsSection, split: str, seed: int) -> list[dict]:
-    """A post-training section's generated math problems of one split ("train" | "heldout"), at its difficulty."""
-    n = cfg.train_problems if split == "train" else cfg.heldout_problems
-    return generate_problems(n, split, seed, cfg.problem_steps, cfg.max_operand, tuple(cfg.problem_kinds))
-
-
 def check_recipe(recipe: Recipe) -> SftSection:
     if recipe.sft is None:
         raise ValueError("recipe has no sft section: add one (see recipes/tiny.yaml) to run the sft stage")
@@ -164,10 +163,7 @@ def sft_dataset(cfg: SftSection, seed: int, tokenizer) -> tuple[datasets.Dataset
 def sft_config(cfg: SftSection, output_dir: Path, seed: int) -> SFTConfig:
     """TRL settings: padding-free packing, assistant-only loss, cosine to a floor, checkpoints, MLflow."""
     return SFTConfig(
-        output_dir=str(output_dir),
-        run_name="sft",
-        seed=seed,
-        data_seed=seed,
+        **shared_arguments("sft", output_dir, seed, cfg.save_steps, cfg.log_steps),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -182,13 +178,6 @@ def sft_config(cfg: SftSection, output_dir: Path, seed: int) -> SFTConfig:
         assistant_only_loss=True,
         bf16=cfg.bf16,
         activation_checkpointing=cfg.activation_checkpointing,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        logging_steps=cfg.log_steps,
-        logging_first_step=True,
-        report_to=["mlflow"] if stage_run() else [],
-        dataloader_num_workers=0,
     )
 
 
@@ -198,54 +187,6 @@ def build_trainer(
     return SFTTrainer(
         model=model, args=sft_config(cfg, output_dir, seed), train_dataset=rows, processing_class=tokenizer
     )
-
-
-class ResumeStep(TrainerCallback):
-    """The optimizer step training starts from: 0 on a fresh run, the checkpoint's step when resuming."""
-
-    step = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint-<step>` whose trainer_state.json (written last) is complete, or None."""
-    steps = {
-        int(p.name.removeprefix("checkpoint-")): p
-        for p in folder.glob("checkpoint-*")
-        if p.name.removeprefix("checkpoint-").isdigit()
-    }
-    for _, checkpoint in sorted(steps.items(), reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        return checkpoint
-    return None
-
-
-def train(trainer: SFTTrainer, checkpoint: Path | None) -> None:
-    """trainer.train, resuming from `checkpoint`; on failure, close the MLflow run the MLflowCallback resumed so
-    that a retry in the same process can start its own."""
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException:
-        if stage_run():
-            import mlflow
-
-            mlflow.end_run(status="FAILED")
-        raise
-
-
-def save_model(model: DSV3ForCausalLM, tokenizer, out: Path) -> None:
-    """save_pretrained (safetensors) plus the tokenizer, written to a sibling folder and renamed."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
 
 
 def plot_loss(history: list[dict], path: Path) -> Path:
