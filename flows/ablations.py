@@ -55,9 +55,9 @@ from dsv3.report import markdown_to_html  # noqa: E402
 from dsv3.stages import pretrain  # noqa: E402
 from dsv3.stages.corpus import recipe_corpus  # noqa: E402
 from dsv3.stages.manifest import is_trusted, read_manifest  # noqa: E402
-from dsv3.stages.runner import StageInputError, code_version, run_root, run_stage, stage_key  # noqa: E402
+from dsv3.stages.runner import StageInputError, code_version, run_root, stage_key  # noqa: E402
 from dsv3.tracking import PARENT_TAG, Tracker  # noqa: E402
-from flows.pipeline import artifact_key, manifest_cache_key, stage_markdown  # noqa: E402
+from flows.pipeline import manifest_cache_key, run_and_publish  # noqa: E402
 
 EXPERIMENT = "dsv3-ablations"
 REPORT_DIR = "ablations"  # runs/ablations/: the comparison
@@ -72,25 +72,10 @@ def arm_stage_task(
     parsed = Recipe.model_validate(recipe)
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     tracker.parent_id = parent_run_id
-    outcome = run_stage(stage, parsed, runs_dir, tracker)
-    m = outcome.manifest
-    if outcome.action != "skipped":
-        tracker.set_tags(m.mlflow_run_id, tags)
-    create_markdown_artifact(
-        key=artifact_key(f"{parsed.name}-{stage}"),
-        markdown=stage_markdown(
-            stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
-        ),
-        description=f"{stage} stage of ablation arm {parsed.name}",
-    )
-    return {
-        "stage": stage,
-        "action": outcome.action,
-        "workdir": str(outcome.workdir),
-        "metrics": m.metrics,
-        "mlflow_run_id": m.mlflow_run_id,
-        "parent_run_id": parent_run_id,
-    }
+    result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of ablation arm {parsed.name}")
+    if result["action"] != "skipped":
+        tracker.set_tags(result["mlflow_run_id"], tags)
+    return result
 
 
 def acceptance_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

@@ -53,6 +53,28 @@ def manifest_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     return f"dsv3-{recipe.name}-{name}-{key.digest()[:24]}-{manifest.output_hash[:24]}"
 
 
+def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker, description: str) -> dict[str, Any]:
+    """Run one stage through the manifest runner (tracked by `tracker`) and publish its Prefect markdown
+    artifact; returns what a stage task returns."""
+    outcome = run_stage(stage, recipe, runs_dir, tracker)
+    m = outcome.manifest
+    create_markdown_artifact(
+        key=artifact_key(f"{recipe.name}-{stage}"),
+        markdown=stage_markdown(
+            stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
+        ),
+        description=description,
+    )
+    return {
+        "stage": stage,
+        "action": outcome.action,
+        "workdir": str(outcome.workdir),
+        "metrics": m.metrics,
+        "mlflow_run_id": m.mlflow_run_id,
+        "parent_run_id": tracker.parent_id,
+    }
+
+
 @task(cache_key_fn=manifest_cache_key, persist_result=True)
 def stage_task(
     stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str | None
@@ -61,24 +83,9 @@ def stage_task(
     parsed = Recipe.model_validate(recipe)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{parsed.name}")
     tracker.parent_id = parent_run_id
-    outcome = run_stage(stage, parsed, runs_dir, tracker)
-    m = outcome.manifest
-    get_run_logger().info("%s: %s in %s", stage, outcome.action, outcome.workdir)
-    create_markdown_artifact(
-        key=artifact_key(f"{parsed.name}-{stage}"),
-        markdown=stage_markdown(
-            stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
-        ),
-        description=f"{stage} stage of recipe {parsed.name}",
-    )
-    return {
-        "stage": stage,
-        "action": outcome.action,
-        "workdir": str(outcome.workdir),
-        "metrics": m.metrics,
-        "mlflow_run_id": m.mlflow_run_id,
-        "parent_run_id": parent_run_id,
-    }
+    result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of recipe {parsed.name}")
+    get_run_logger().info("%s: %s in %s", stage, result["action"], result["workdir"])
+    return result
 
 
 @flow(name="dsv3-pipeline", log_prints=False)  # True would break dill's capture of dis output
