@@ -27,11 +27,9 @@ import warnings
 from pathlib import Path
 
 import datasets
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
 from tokenizers import Tokenizer
 
 from dsv3.config import ExtendPhase, PretrainSection, Recipe
@@ -44,11 +42,16 @@ from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.stages import StageResult
 from dsv3.stages.balancing import LossFreeBalancer
 from dsv3.stages.corpus import capped_texts, recipe_corpus
-from dsv3.stages.lightning_module import AtomicCheckpointIO, PretrainData, PretrainModule, StepProgressBar
+from dsv3.stages.lightning_module import PretrainData, PretrainModule, StepProgressBar
 from dsv3.stages.plots import plot_losses
-from dsv3.stages.pretrain import _write_json, precision_plugins, save_model, token_byte_lengths
+from dsv3.stages.pretrain import (
+    _write_json,
+    lightning_trainer,
+    resume_point,
+    save_model,
+    token_byte_lengths,
+)
 from dsv3.stages.schedules import step_plan
-from dsv3.tracking import stage_run
 
 SECTIONS = ("data", "pretrain", "extend")
 INPUTS = ("pretrain",)
@@ -262,31 +265,9 @@ def train_phase(
         ),
         StepProgressBar(refresh_rate=module.accumulation),
     ]
-    accelerator = (
-        cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    )
-    tracking = stage_run()
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=None if cfg.precision == "fp8-blockwise" else cfg.precision,
-        max_steps=plan.steps,
-        val_check_interval=cfg.val_every_n_steps * module.accumulation,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO(), *precision_plugins(cfg.precision, cfg.fp8_backend, accelerator)],
-        default_root_dir=folder,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    last = checkpoints / "last.ckpt"
-    resumed_from = (
-        int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]) if last.is_file() else 0
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
+    trainer = lightning_trainer(cfg, folder, plan.steps, module.accumulation, callbacks)
+    last, resumed_from = resume_point(checkpoints)
+    trainer.fit(module, datamodule=data, ckpt_path=last, weights_only=True)
     trainer.validate(module, datamodule=data, verbose=False)
     _write_json(
         folder / "result.json",

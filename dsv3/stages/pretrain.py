@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import DDPStrategy
 from tokenizers import Tokenizer
 
-from dsv3.config import Recipe
+from dsv3.config import PretrainSection, Recipe
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.tokenizer import BOS, EOS, PAD, byte_level_table, load_tokenizer, token_bytes
 from dsv3.fp8 import FP8BlockwisePrecision
@@ -156,21 +156,42 @@ def train(recipe: Recipe, workdir: Path, tokenizer_dir: Path) -> None:
         ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False),
         StepProgressBar(refresh_rate=accumulation),
     ]
-    accelerator = cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    distributed = world_size(cfg) > 1
+    accelerator = training_accelerator(cfg)
     strategy = (
         DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else "nccl", broadcast_buffers=False)
-        if distributed
+        if world_size(cfg) > 1
         else "auto"
     )
+    trainer = lightning_trainer(cfg, workdir, plan.steps, accumulation, callbacks, strategy)
+    last, resumed_from = resume_point(checkpoints)
+    trainer.fit(module, datamodule=data, ckpt_path=last, weights_only=True)
+    trainer.validate(module, datamodule=data, verbose=False)
+    write_rank_biases(module, workdir / RANKS, trainer.global_rank)
+    if trainer.is_global_zero:
+        save_model(module, workdir / OUTPUT, tokenizer_dir)
+        write_result(workdir / RESULT, module, resumed_from)
+    trainer.strategy.barrier("pretrain-written")
+
+
+def training_accelerator(cfg: PretrainSection) -> str:
+    """pretrain.accelerator, with "auto" meaning a GPU when there is one."""
+    return cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def lightning_trainer(
+    cfg: PretrainSection, folder: Path, steps: int, accumulation: int, callbacks: list, strategy="auto"
+) -> L.Trainer:
+    """The Trainer pretraining and every extension phase fit with: `steps` optimizer steps, validation every
+    val_every_n_steps, atomic checkpoints, the FP8 plugin when asked for, MLflow logging into the stage's run."""
+    accelerator = training_accelerator(cfg)
     tracking = stage_run()
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=strategy,
         precision=None if cfg.precision == "fp8-blockwise" else cfg.precision,
-        max_steps=plan.steps,
+        max_steps=steps,
         val_check_interval=cfg.val_every_n_steps * accumulation,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -178,21 +199,18 @@ def train(recipe: Recipe, workdir: Path, tokenizer_dir: Path) -> None:
         logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *precision_plugins(cfg.precision, cfg.fp8_backend, accelerator)],
-        default_root_dir=workdir,
+        default_root_dir=folder,
         enable_model_summary=False,
-        log_every_n_steps=1,  # the module logs itself, every pretrain.log_every_n_steps optimizer steps
+        log_every_n_steps=1,  # the module logs itself, every log_every_n_steps optimizer steps
     )
+
+
+def resume_point(checkpoints: Path) -> tuple[Path | None, int]:
+    """(checkpoints/last.ckpt, its optimizer step) when a run stopped part-way left one, else (None, 0)."""
     last = checkpoints / "last.ckpt"
-    resumed_from = 0
-    if last.is_file():
-        resumed_from = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None, weights_only=True)
-    trainer.validate(module, datamodule=data, verbose=False)
-    write_rank_biases(module, workdir / RANKS, trainer.global_rank)
-    if trainer.is_global_zero:
-        save_model(module, workdir / OUTPUT, tokenizer_dir)
-        write_result(workdir / RESULT, module, resumed_from)
-    trainer.strategy.barrier("pretrain-written")
+    if not last.is_file():
+        return None, 0
+    return last, int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
 
 
 def precision_plugins(precision: str, fp8_backend: str, accelerator: str) -> list[FP8BlockwisePrecision]:
