@@ -17,11 +17,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from dsv3.config import RecipeError, load_recipe
-from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model import DSV3ForCausalLM
 from dsv3.stages.extend import yarn_config
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
 from tests.conftest import RECIPES, REPO
+from tests.toy_model import toy_config
 
 KILLABLE_RUN = """
 import sys
@@ -41,23 +42,9 @@ def test_yarn_config_matches_transformers_rope_and_softmax_scale():
     recipe = load_recipe(
         RECIPES / "tiny.yaml", ["extend.factor=40", "extend.mscale=0.707", "extend.mscale_all_dim=0.707"]
     )
-    plain = DSV3Config(
+    plain = toy_config(
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
         qk_rope_head_dim=16,
-        v_head_dim=8,
-        n_routed_experts=4,
-        n_group=1,
-        topk_group=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     config = yarn_config(plain, recipe)

@@ -10,7 +10,8 @@ from dsv3.data.chat import CHAT_TEMPLATE
 from dsv3.data.tokenizer import EOS, save_tokenizer, train_tokenizer
 from dsv3.infer.absorbed import uses_absorbed_attention
 from dsv3.infer.generate import load_checkpoint
-from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model import DSV3ForCausalLM
+from tests.toy_model import toy_config
 
 TEXT = ["the quick brown fox jumps over the lazy dog. " * 20, "def add(a, b):\n    return a + b\n" * 20]
 
@@ -29,23 +30,8 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     tokenizer = train_tokenizer(TEXT, vocab_size=300)
     save_tokenizer(tokenizer, out, CHAT_TEMPLATE)
-    config = DSV3Config(
+    config = toy_config(
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=2,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        n_routed_experts=4,
-        n_group=1,
-        topk_group=1,
-        num_experts_per_tok=2,
         initializer_range=0.2,
         eos_token_id=tokenizer.token_to_id(EOS),
     )

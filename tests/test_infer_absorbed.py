@@ -11,25 +11,14 @@ from dsv3.infer.absorbed import (
     mla_cache_bytes_per_token,
     uses_absorbed_attention,
 )
-from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model import DSV3ForCausalLM
 from dsv3.model.attention import MultiHeadLatentAttention
+from tests.toy_model import toy_config
 
 BASE = dict(
     vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    first_k_dense_replace=1,
     num_attention_heads=4,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_group=1,
-    topk_group=1,
-    num_experts_per_tok=2,
+    q_lora_rank=1536,
     initializer_range=0.1,
     num_nextn_predict_layers=1,
     max_position_embeddings=64,
@@ -63,13 +52,13 @@ def one_thread():
 
 def models(**overrides) -> tuple[DSV3ForCausalLM, DSV3ForCausalLM]:
     torch.manual_seed(0)
-    expanded = absorb_attention(DSV3ForCausalLM(DSV3Config(**{**BASE, **overrides})).eval(), enabled=False)
+    expanded = absorb_attention(DSV3ForCausalLM(toy_config(**BASE | overrides)).eval(), enabled=False)
     return expanded, absorb_attention(copy.deepcopy(expanded))
 
 
 def test_models_decode_absorbed_by_default():
     """`generate` on a model as built or loaded uses the absorbed path: nothing to switch on."""
-    assert uses_absorbed_attention(DSV3ForCausalLM(DSV3Config(**BASE)))
+    assert uses_absorbed_attention(DSV3ForCausalLM(toy_config(**BASE)))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -3,28 +3,16 @@
 import torch
 import torch.nn.functional as F
 
-from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model import DSV3ForCausalLM
 from dsv3.model.mtp import shifted_targets
+from tests.toy_model import toy_config
 
 
 def tiny_model(depth: int) -> DSV3ForCausalLM:
-    config = DSV3Config(
+    config = toy_config(
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         n_routed_experts=8,
-        num_experts_per_tok=2,
         n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
         num_nextn_predict_layers=depth,
         initializer_range=0.1,
     )

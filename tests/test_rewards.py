@@ -9,7 +9,8 @@ from dsv3.data.chat import CHAT_TEMPLATE, conversation
 from dsv3.data.math_tasks import generate_problems
 from dsv3.data.tokenizer import save_tokenizer, train_tokenizer
 from dsv3.eval.rewards import RewardModelScore, completion_text, correctness_reward, format_reward
-from dsv3.model import DSV3Config, DSV3ForSequenceClassification
+from dsv3.model import DSV3ForSequenceClassification
+from tests.toy_model import toy_config
 
 CASES = [  # completion, reference, correct, well formed
     ("3 + 4 = 7.\nThe answer is \\boxed{7}.", "7", 1.0, 1.0),
@@ -52,23 +53,9 @@ def reward_model(tmp_path_factory):
     tokenizer = train_tokenizer([p["prompt"] + "\n" + p["solution"] for p in problems], vocab_size=300)
     save_tokenizer(tokenizer, folder, CHAT_TEMPLATE)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = DSV3Config(
+    config = toy_config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=2,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        n_routed_experts=4,
-        n_group=1,
-        topk_group=1,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
+        q_lora_rank=1536,
         num_nextn_predict_layers=0,
         max_position_embeddings=256,
         initializer_range=0.2,

@@ -5,26 +5,14 @@ import torch
 
 from dsv3.infer.absorbed import absorb_attention
 from dsv3.infer.speculative import greedy_decode, mtp_speculative_decode
-from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model import DSV3ForCausalLM
+from tests.toy_model import toy_config
 
 V = C = 64
 CONFIG = dict(
     vocab_size=V,
     hidden_size=C,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    first_k_dense_replace=1,
     num_attention_heads=4,
-    q_lora_rank=None,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_group=1,
-    topk_group=1,
-    num_experts_per_tok=2,
     initializer_range=0.3,
     num_nextn_predict_layers=1,
     eos_token_id=None,
@@ -42,7 +30,7 @@ def one_thread():
 
 def random_model(**overrides) -> DSV3ForCausalLM:
     torch.manual_seed(0)
-    return absorb_attention(DSV3ForCausalLM(DSV3Config(**{**CONFIG, **overrides})).eval())
+    return absorb_attention(DSV3ForCausalLM(toy_config(**CONFIG | overrides)).eval())
 
 
 @torch.no_grad()
