@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicCache
 from dsv3.infer.absorbed import absorb_attention
 from dsv3.model import DSV3ForCausalLM
 from dsv3.model.hf import export_hf
+from dsv3.model.model import CACHE_FIELD
 
 
 def clone_cache(cache: DynamicCache) -> DynamicCache:
@@ -64,8 +65,8 @@ def main() -> None:
     absorb_attention(absorbed)
     probe = torch.randint(0, config.vocab_size, (1, 16))
     ours_cache, their_cache = (
-        absorbed(probe, use_cache=True).past_key_values,
-        theirs(probe, use_cache=True).past_key_values,
+        absorbed(probe, use_cache=True)[CACHE_FIELD],
+        theirs(probe, use_cache=True)[CACHE_FIELD],
     )
     for a, b in zip(ours_cache.layers, their_cache.layers, strict=True):
         torch.testing.assert_close(a.keys, b.keys, atol=2e-2, rtol=2e-2)
@@ -85,7 +86,7 @@ def main() -> None:
         prompt = torch.randint(0, config.vocab_size, (1, context))
         cache = DynamicCache(config=config)
         for chunk in prompt.split(args.prefill_chunk, dim=1):  # chunked prefill: no (H, S, S) score matrix
-            out = absorb_attention(absorbed)(chunk, past_key_values=cache, use_cache=True)
+            out = absorb_attention(absorbed)(chunk, use_cache=True, **{CACHE_FIELD: cache})
         caches = {name: clone_cache(cache) for name in models}
         tokens = {name: out.logits[:, -1:].argmax(-1) for name in models}
         times = {name: [] for name in models}
@@ -94,7 +95,7 @@ def main() -> None:
                 if isinstance(model, bool):
                     model = absorb_attention(expanded, enabled=model)
                 start = time.perf_counter()
-                logits = model(tokens[name], past_key_values=caches[name], use_cache=True).logits
+                logits = model(tokens[name], use_cache=True, **{CACHE_FIELD: caches[name]}).logits
                 if step:
                     times[name].append(time.perf_counter() - start)
                 tokens[name] = logits[:, -1:].argmax(-1)

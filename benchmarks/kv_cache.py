@@ -25,6 +25,7 @@ from transformers import DeepseekV3ForCausalLM
 from dsv3.infer.absorbed import absorb_attention, cache_bytes, mla_cache_bytes_per_token
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.hf import to_deepseek_v3_config
+from dsv3.model.model import CACHE_FIELD
 
 ATTENTION_671B = dict(
     hidden_size=7168,
@@ -78,12 +79,12 @@ def record_outputs(module, method: str, sink: list) -> None:
 @torch.no_grad()
 def prefill_and_step(model, ids, method: str) -> tuple[object, int]:
     """Prefill ids, then decode one token; the cache and the bytes `method` materialised during that step."""
-    cache = model(ids, use_cache=True).past_key_values
+    cache = model(ids, use_cache=True)[CACHE_FIELD]
     sink = []
     for module in model.modules():
         if hasattr(module, method) and hasattr(module, "kv_b_proj"):
             record_outputs(module, method, sink)
-    model(ids[:, -1:], past_key_values=cache, use_cache=True)
+    model(ids[:, -1:], use_cache=True, **{CACHE_FIELD: cache})
     return cache, sum(sink)
 
 

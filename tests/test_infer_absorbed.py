@@ -67,13 +67,13 @@ def test_absorbed_decode_logits_equal_the_expanded_path(name):
     expanded, absorbed = models(**CONFIGS[name])
     ids = torch.randint(0, 96, (2, 9))
     ref, out = expanded(ids, use_cache=True), absorbed(ids, use_cache=True)
-    ref_cache, cache = ref.past_key_values, out.past_key_values
+    ref_cache, cache = ref.cache, out.cache
     for _ in range(6):  # one token per step, fed from the expanded model's greedy choice
         step = ref.logits[:, -1:].argmax(dim=-1)
-        ref, out = expanded(step, past_key_values=ref_cache), absorbed(step, past_key_values=cache)
+        ref, out = expanded(step, cache=ref_cache), absorbed(step, cache=cache)
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
     chunk = torch.randint(0, 96, (2, 3))  # several queries at once, as speculative verification feeds them
-    ref, out = expanded(chunk, past_key_values=ref_cache), absorbed(chunk, past_key_values=cache)
+    ref, out = expanded(chunk, cache=ref_cache), absorbed(chunk, cache=cache)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(cache.layers[1].keys, ref_cache.layers[1].keys, atol=1e-5, rtol=0)
 
@@ -105,14 +105,14 @@ def test_cache_allocates_exactly_latent_plus_rope_key_per_token(dtype):
     ids = torch.randint(0, 96, (1, 11))
     out = model(ids, use_cache=True)
     for _ in range(3):
-        out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+        out = model(out.logits[:, -1:].argmax(-1), cache=out.cache)
     per_token = mla_cache_bytes_per_token(model.config, dtype)
     assert per_token == (16 + 8) * torch.empty((), dtype=dtype).element_size()
     expected = model.config.num_hidden_layers * 14 * per_token
-    assert cache_bytes(out.past_key_values) == expected
+    assert cache_bytes(out.cache) == expected
     storage = sum(
         t.untyped_storage().nbytes()
-        for layer in out.past_key_values.layers
+        for layer in out.cache.layers
         for t in (layer.keys, layer.values)
     )
     assert storage == expected  # nothing else allocated: no expanded keys or values kept

@@ -124,35 +124,50 @@ def test_cache_holds_latent_and_rope_key_only():
     config = tiny_config()
     model = tiny_model()
     out = model(torch.randint(1, 96, (2, 5)), use_cache=True)
-    layer = out.past_key_values.layers[0]
+    layer = out.cache.layers[0]
     assert layer.keys.shape == (2, 1, 5, config.kv_lora_rank)
     assert layer.values.shape == (2, 1, 5, config.qk_rope_head_dim)
 
 
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])  # transformers >= 5.24 passes cache=
 @pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}])
-def test_cached_decoding_equals_full_forward(overrides):
+def test_cached_decoding_equals_full_forward(overrides, keyword):
     model = tiny_model(**overrides)
     ids = torch.randint(1, 96, (2, 9))
     full = model(ids).logits
     out = model(ids[:, :4], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
+    steps, cache = [out.logits], out.cache
     for t in range(4, 9):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], use_cache=True, **{keyword: cache})
         steps.append(out.logits)
-        cache = out.past_key_values
+        assert out.cache is cache and cache.get_seq_length() == t + 1
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_greedy_matches_uncached_argmax_with_left_padding():
+def test_passing_the_cache_twice_is_an_error():
+    model = tiny_model()
+    cache = model(torch.randint(1, 96, (1, 3)), use_cache=True).cache
+    other = model(torch.randint(1, 96, (1, 3)), use_cache=True).cache
+    with pytest.raises(ValueError, match="not both"):
+        model(torch.randint(1, 96, (1, 1)), cache=cache, past_key_values=other)
+
+
+def test_generate_greedy_matches_uncached_argmax_with_left_padding(caplog, recwarn):
     model = tiny_model()
     prompt = torch.randint(1, 96, (1, 5))
     padded = torch.cat((torch.zeros(1, 2, dtype=torch.long), prompt), 1)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
     batch = torch.cat((padded, torch.randint(1, 96, (1, 7))), 0)
     batch_mask = torch.cat((mask, torch.ones(1, 7, dtype=torch.long)), 0)
-    generated = model.generate(
-        batch, attention_mask=batch_mask, max_new_tokens=6, do_sample=False, pad_token_id=0
-    )
+    fed = []  # tokens each forward of the decoder receives: the prompt once, then one per step via the cache
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    with caplog.at_level("WARNING"):
+        generated = model.generate(
+            batch, attention_mask=batch_mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+    assert fed == [7, 1, 1, 1, 1, 1], "generate ran without the KV cache"
+    assert not [r for r in caplog.records if "deprecat" in r.getMessage().lower()]
+    assert not [w for w in recwarn if "deprecat" in str(w.message).lower()]
     seq = prompt
     for _ in range(6):
         seq = torch.cat((seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)), 1)

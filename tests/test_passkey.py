@@ -82,19 +82,16 @@ class CopyNeedle(torch.nn.Module):
         super().__init__()
         self.task, self.correct, self.vocab = task, correct, task.tokenizer.get_vocab_size()
 
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        if past_key_values is None:
-            past_key_values = [input_ids]
-        else:
-            past_key_values = [torch.cat([past_key_values[0], input_ids], dim=1)]
-        history = past_key_values[0]
+    def forward(self, input_ids, cache=None, **kwargs):
+        cache = [input_ids] if cache is None else [torch.cat([cache[0], input_ids], dim=1)]
+        history = cache[0]
         logits = torch.zeros(history.shape[0], 1, self.vocab)
         for b, row in enumerate(history.tolist()):
             needle_at = next(i for i in range(len(row)) if row[i] in self.task.digit_ids)
             produced = len(row) - self.prompt_length
             token = row[needle_at + produced]
             logits[b, 0, token if self.correct else self.task.digit_ids[0]] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def test_greedy_exact_match_scoring(tokenizer):

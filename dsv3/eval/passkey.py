@@ -145,7 +145,7 @@ def greedy_answers(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tenso
         position = torch.full((prompts.shape[0], 1), T + step - 1, dtype=torch.long)
         out = model(
             input_ids=generated[-1][:, None],
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             position_ids=position,
             use_cache=True,
         )

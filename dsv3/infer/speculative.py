@@ -44,7 +44,7 @@ class DecodeResult:
 
 def main_forward(model, input_ids: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
     """Main model on the new tokens (1, T) -> logits (1, T, V) and hidden states before the final norm (1, T, C)."""
-    out = model.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = model.model(input_ids=input_ids, cache=cache, use_cache=True)
     return model.lm_head(out.last_hidden_state), out.hidden_before_norm
 
 
@@ -59,7 +59,7 @@ def mtp_logits(
     cos, sin = model.model.rotary_emb(positions)
     emb = model.model.embed_tokens(next_ids)
     h = layer.eh_proj(torch.cat((layer.enorm(emb), layer.hnorm(hidden)), dim=-1))  # eq. 21
-    h, _ = layer(h, cos, sin, attention_mask_4d(positions, None, start), past_key_values=cache)  # eq. 22
+    h, _ = layer(h, cos, sin, attention_mask_4d(positions, None, start), cache=cache)  # eq. 22
     return model.lm_head(layer.shared_head.norm(h))  # eq. 23
 
 

@@ -97,20 +97,20 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """x (B, T, C); cos/sin (B, T, d_R/2); mask (B, 1, T, S) bool, True = may attend, None = causal."""
-        if self.absorb and past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
-            return self.absorbed_forward(x, cos, sin, mask, past_key_values)
+        if self.absorb and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
+            return self.absorbed_forward(x, cos, sin, mask, cache)
         B, T, _ = x.shape
         q = self.queries(x)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q = torch.cat((q_nope, apply_rotary_emb(q_rope, cos, sin, self.rope_interleave)), dim=-1)  # eqs. 8-9
         latent, k_rope = self.latent_and_rope_key(x, cos, sin)
         if (
-            past_key_values is not None
+            cache is not None
         ):  # the cache holds (c_KV, k^R) only: keys slot = latent, values slot = k^R
-            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
         k, v = self.keys_and_values(latent, k_rope)
         o = F.scaled_dot_product_attention(  # eq. 10
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
@@ -123,7 +123,7 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        past_key_values: Cache,
+        cache: Cache,
     ) -> torch.Tensor:
         """Eqs. 10-11 over the compressed cache with W^UK folded into the query and W^UV applied after the sum."""
         B, T, _ = x.shape
@@ -131,9 +131,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = self.queries(x).split([dn, self.qk_rope_head_dim], dim=-1)  # (B, H, T, ·)
         q_rope = apply_rotary_emb(q_rope, cos, sin, self.rope_interleave)  # eq. 8
         latent, k_rope = self.latent_and_rope_key(x, cos, sin)
-        latent, k_rope = past_key_values.update(
-            latent, k_rope, self.layer_idx
-        )  # (B, 1, S, d_c), (B, 1, S, d_R)
+        latent, k_rope = cache.update(latent, k_rope, self.layer_idx)  # (B, 1, S, d_c), (B, 1, S, d_R)
         w_uk, w_uv = self.kv_b_proj.weight.view(H, dn + dv, self.kv_lora_rank).split([dn, dv], dim=1)
         q_latent = absorb_key_projection(q_nope, w_uk)  # (B, H, T, d_c)
         probs = latent_attention_weights(q_latent, q_rope, latent, k_rope, mask, self.softmax_scale)

@@ -40,7 +40,7 @@ class DSV3Config(PreTrainedConfig):
     """
 
     model_type = "dsv3"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     # Not remote code: TRL (create_model_from_path, used for GRPO's reference model) reads `config.auto_map` for
     # architectures transformers does not ship; an empty map sends it to AutoModelForCausalLM, where dsv3 is
     # registered. Must be {} (None breaks transformers).
@@ -140,11 +140,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, C) -> (B, T, C) and the layer's sequence-wise balance loss (None for a dense layer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
         y, balance = self.mlp(self.post_attention_layernorm(x), token_mask)
@@ -183,6 +183,19 @@ def attention_mask_4d(
     return (mask | (k_idx[None, :] == q_idx[:, None])).unsqueeze(1)
 
 
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (in model outputs and in the keyword
+# `generate` passes); the model takes either keyword and its outputs carry the cache under whichever field this
+# transformers declares, readable as `.cache` on both.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache a caller passed, as `cache=` (transformers >= 5.24) or `past_key_values=` (earlier)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as cache= or as past_key_values=, not both")
+    return cache if cache is not None else past_key_values
+
+
 @dataclass
 class DSV3ModelOutput(BaseModelOutputWithPast):
     """last_hidden_state (after the final norm), hidden_before_norm (input of the first MTP module),
@@ -191,6 +204,8 @@ class DSV3ModelOutput(BaseModelOutputWithPast):
     hidden_before_norm: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None
+    if CACHE_FIELD != "cache":
+        cache = property(lambda self: self.past_key_values)
 
 
 @dataclass
@@ -202,6 +217,8 @@ class DSV3CausalLMOutput(CausalLMOutputWithPast):
     mtp_losses: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None
+    if CACHE_FIELD != "cache":
+        cache = property(lambda self: self.past_key_values)
 
 
 class DSV3PreTrainedModel(PreTrainedModel):
@@ -210,7 +227,7 @@ class DSV3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _supports_sdpa = True
 
@@ -264,22 +281,24 @@ class DSV3Model(DSV3PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DSV3ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = pick_cache(cache, past_key_values)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         if (
             use_cache is None
         ):  # a cache only helps decoding; training would keep every latent alive for nothing
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x.device)[None]
         position_ids = position_ids.expand(B, T)
@@ -288,15 +307,13 @@ class DSV3Model(DSV3PreTrainedModel):
         cos, sin = self.rotary_emb(position_ids)
         balance, loads = x.new_zeros((), dtype=torch.float32), []
         for layer in self.layers[: self.config.num_hidden_layers]:
-            x, layer_balance = layer(
-                x, cos, sin, mask, past_key_values=past_key_values, token_mask=token_mask
-            )
+            x, layer_balance = layer(x, cos, sin, mask, cache=cache, token_mask=token_mask)
             if layer_balance is not None:
                 balance = balance + layer_balance
                 loads.append(layer.mlp.gate.expert_load)
         return DSV3ModelOutput(
+            **{CACHE_FIELD: cache if use_cache else None},
             last_hidden_state=self.norm(x),
-            past_key_values=past_key_values if use_cache else None,
             hidden_before_norm=x,
             balance_loss=balance,
             expert_load=torch.stack(loads) if loads else None,
@@ -324,18 +341,19 @@ class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DSV3CausalLMOutput:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -365,9 +383,9 @@ class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
                 )
                 balance = balance + mtp_balance
         return DSV3CausalLMOutput(
+            **{CACHE_FIELD: out.cache},
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             mtp_losses=mtp_losses,
             balance_loss=balance,
             expert_load=out.expert_load,
