@@ -8,22 +8,43 @@ SET     ?=
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
+LOCK    := requirements.lock
+TORCH   ?= $(shell grep -E '^torch==' $(LOCK))
 
-.PHONY: setup test lint pipeline ablations ui clean-runs help $(STAGES)
+.PHONY: setup lock test lint pipeline ablations ui clean-runs help $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  make STAGE      run the flow up to STAGE, one of: $(STAGES)"
 	@echo "  variables: RECIPE=$(RECIPE) RUNS=$(RUNS) SET='--set key=value ...'"
 
-setup: $(VENV)/.installed  ## create .venv and install everything (torch 2.13.0 CPU first)
+setup: $(VENV)/.installed  ## create .venv and install the locked versions (requirements.lock; torch CPU build here)
 
-$(VENV)/.installed: pyproject.toml
+# Every package comes from the lock at its exact version: pip, torch first (TORCH= picks another build of the same
+# version, e.g. make setup TORCH=torch==2.13.0 for PyPI's CUDA build), then the rest with --no-deps, then dsv3
+# itself, built with the locked setuptools. `pip check` proves the set is complete and consistent.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet "$$(grep -E '^pip==' $(LOCK))"
+	grep -vE '^(pip|torch)==' $(LOCK) > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet "$(TORCH)" -c $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet --no-deps -r $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
+
+lock:  ## re-resolve requirements.lock: the newest versions pyproject.toml allows, from a clean venv (then make test)
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip setuptools
+	.lock-venv/bin/pip install --quiet "torch==$$(sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)"
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ echo "# Exact versions of every Python package dsv3 installs (direct and transitive), for pip:"; \
+	  echo "# written by 'make lock' on $$(date -u +%Y-%m-%d) ($$(.lock-venv/bin/python --version)); 'make setup' installs them."; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable; } > $(LOCK).partial
+	mv $(LOCK).partial $(LOCK)
+	rm -rf .lock-venv
+	@echo "wrote $(LOCK); now: rm -rf $(VENV) && make setup && make test"
 
 test:  ## run the test suite (fast: a few minutes on 2 cores)
 	$(BIN)/pytest
