@@ -58,7 +58,7 @@ pipeline:  ## run every stage of $(RECIPE) through the Prefect flow
 
 ablations:  ## paired tiny pretrainings (recipes/ablations): FP8, balancing, MTP vs the papers -> $(RUNS)/ablations/
 	@mkdir -p $(RUNS)
-	$(BIN)/python -m flows.ablations --recipes recipes/ablations --runs-dir $(RUNS)
+	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS)
 
 $(STAGES):
 	@mkdir -p $(RUNS)

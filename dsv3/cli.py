@@ -1,67 +1,71 @@
-"""The `dsv3` command line.
+"""The `dsv3` command line: the library's commands. `flows.cli` adds the orchestrated ones (`dsv3 run`) and is the
+installed `dsv3` script, so the library never imports the flows.
 
-    dsv3 run --recipe recipes/tiny.yaml [--until STAGE] [--set key=value ...]   the pipeline (Prefect flow)
     dsv3 recipe recipes/tiny.yaml [--set key=value ...]                          print the resolved recipe
     dsv3 export-hf CKPT OUT / dsv3 import-hf SRC OUT                             transformers interop
     dsv3 report RUN [--runs-dir runs]                                            report card of a run
     dsv3 generate CKPT --prompt TEXT [--speculative] / dsv3 chat CKPT              stream text from a checkpoint
 
-Bad input (a recipe, a path, a checkpoint) ends with one line on stderr naming what is wrong, exit code 2.
-Set DSV3_DEBUG=1 to see the traceback instead.
+How a command ends (dsv3.errors): bad input — a recipe, a path, a checkpoint — one line on stderr naming what is
+wrong, exit code 2; a stage that failed its checks or diverged, or a full disk: one line, exit code 1; Ctrl-C:
+"interrupted", exit code 130. No traceback unless DSV3_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from dsv3.config import STAGE_ORDER, RecipeError, load_recipe
+from dsv3.config import load_recipe
+from dsv3.errors import Failure, Interrupted, StageFailed, classify
 
-EXIT_BAD_INPUT = 2
+DEBUG = "DSV3_DEBUG"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+def main(argv: list[str] | None = None, add_commands: Callable | None = None) -> None:
+    """Parse `argv` and run its command; on failure print one line and exit with the failure's code.
+    `add_commands(subparsers)` adds commands defined outside the library (flows.cli: `run`)."""
+    parser = build_parser(add_commands)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         args.handler(args)
-    except (RecipeError, ValueError, FileNotFoundError) as err:
-        if os.environ.get("DSV3_DEBUG"):
+    except (KeyboardInterrupt, StageFailed, ValueError, OSError) as error:
+        failure = classify(error)
+        if os.environ.get(DEBUG) or failure.kind == "crash":
             raise
-        print(f"dsv3: error: {err}".splitlines()[0], file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        print("dsv3: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        exit_with(failure, 143 if isinstance(error, Interrupted) else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def exit_with(failure: Failure, code: int | None = None) -> None:
+    """Print the failure's one line on stderr and exit with its code."""
+    label = {"input": "error", "interrupted": "interrupted"}.get(failure.kind, "failed")
+    text = failure.message if failure.kind == "interrupted" else f"{label}: {failure.message}"
+    print(f"dsv3: {text}", file=sys.stderr)
+    sys.exit(code or failure.exit_code)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted()
+
+
+def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3", description="The DeepSeek-V3 training recipe, end to end, from one command."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser(
-        "run",
-        help="run the pipeline (Prefect flow) for a recipe",
-        description="Run the recipe's stages in order through the Prefect flow. Finished stages whose recipe "
-        "sections and inputs are unchanged are skipped; a stage that stopped part-way resumes.",
-    )
-    run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")
-    run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
-    _add_set(run)
-    run.add_argument(
-        "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)"
-    )
-    run.set_defaults(handler=_run)
+    if add_commands is not None:
+        add_commands(sub)
 
     show = sub.add_parser("recipe", help="validate a recipe and print it resolved (bases and --set applied)")
     show.add_argument("recipe", help="recipe YAML")
-    _add_set(show)
+    add_set_option(show)
     show.set_defaults(handler=_show_recipe)
 
     export = sub.add_parser(
@@ -95,15 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="run folder (runs/<recipe>), or a recipe name or recipe YAML under --runs-dir",
     )
-    report.add_argument(
-        "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)"
-    )
+    add_runs_dir_option(report)
     report.set_defaults(handler=_report)
     _add_generation_commands(sub)
     return parser
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def add_runs_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (default: runs/)"
+    )
+
+
+def runs_folder(path: str | Path) -> Path:
+    """The runs folder, created if needed; a one-line error when it is a file or cannot be written."""
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--runs-dir {path} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--runs-dir {path}: cannot create it ({err.strerror}); pass a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--runs-dir {path} is not writable: pass a folder you can write to")
+    return path
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -112,16 +134,6 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. --set pretrain.lr=3e-4 (repeatable; values parsed as YAML)",
     )
-
-
-def _run(args: argparse.Namespace) -> None:
-    load_recipe(args.recipe, args.overrides)  # fail fast, before Prefect starts
-    runs_dir = Path(args.runs_dir).resolve()
-    os.environ.setdefault("PREFECT_HOME", str(runs_dir / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    from flows.pipeline import pipeline
-
-    pipeline(recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=str(runs_dir))
 
 
 def _show_recipe(args: argparse.Namespace) -> None:

@@ -286,7 +286,7 @@ class SftSection(ProblemsSection):
     sample masking, loss on assistant tokens only. Data: generated math problems with worked solutions, plus
     optional chat files; evaluation: greedy accuracy and format rate on held-out problems."""
 
-    lr_peak: float = Field(5e-6, gt=0, le=1, description="LR at the start of the cosine (paper: 5e-6)")
+    lr_peak: float = Field(5e-6, ge=0, le=1, description="LR at the start of the cosine (paper: 5e-6; 0 = evaluate only)")
     lr_final: float = Field(1e-6, ge=0, le=1, description="LR the cosine ends at (paper: 1e-6)")
     lr_warmup_fraction: float = Field(0.0, ge=0, lt=1, description="linear warm-up, fraction of the steps")
     epochs: int = Field(2, ge=1, description="passes over the SFT data (paper: 2)")
@@ -374,6 +374,54 @@ class RlSection(ProblemsSection):
         return self
 
 
+class TokenizerChecks(Section):
+    min_bytes_per_token: float = Field(1.5, ge=0, description="held-out bytes per token: a BPE that merges compresses")
+
+
+class PretrainChecks(Section):
+    max_val_loss_ratio: float = Field(
+        1.0, gt=0, description="final validation loss ÷ the unigram baseline's: below 1 = learned more than counts"
+    )
+
+
+class ExtendChecks(Section):
+    max_ppl_increase: float = Field(
+        0.25, ge=0, description="relative perplexity change at the pretraining length, after vs before extension"
+    )
+
+
+class SftChecks(Section):
+    min_format_rate: float = Field(0.5, ge=0, le=1, description="held-out answers ending in one \\boxed{}")
+    max_truncated_rate: float = Field(
+        0.5, ge=0, le=1, description="held-out answers that used the whole generation budget"
+    )
+
+
+class RewardChecks(Section):
+    min_pair_accuracy: float = Field(0.6, ge=0, le=1, description="held-out pairs ranked right (chance: 0.5)")
+
+
+class RlChecks(Section):
+    max_truncated_rate: float = Field(
+        0.95, ge=0, le=1, description="rollouts that used the whole completion budget, mean over the run"
+    )
+
+
+class ChecksSection(Section):
+    """Health checks a stage must pass to count as completed (dsv3.stages.health). Every stage also needs finite
+    losses. Not part of any stage's key: changing a threshold re-judges a finished stage without rerunning it."""
+
+    enforce: bool = Field(
+        True, description="false: a failed check is recorded and shown everywhere, and the pipeline goes on"
+    )
+    tokenizer: TokenizerChecks = Field(default_factory=TokenizerChecks)
+    pretrain: PretrainChecks = Field(default_factory=PretrainChecks)
+    extend: ExtendChecks = Field(default_factory=ExtendChecks)
+    sft: SftChecks = Field(default_factory=SftChecks)
+    reward: RewardChecks = Field(default_factory=RewardChecks)
+    rl: RlChecks = Field(default_factory=RlChecks)
+
+
 class PipelineSection(Section):
     """How the Prefect flow runs the stages."""
 
@@ -395,6 +443,7 @@ class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="letters, digits, _ . -")
     seed: int = Field(0, ge=0)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    checks: ChecksSection = Field(default_factory=ChecksSection)
     data: DataSection = Field(default_factory=DataSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     model: ModelSection | None = None
@@ -452,7 +501,9 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path} (pass an existing recipes/*.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -170,6 +170,7 @@ def markdown_to_html(text: str, run_dir: Path, title: str) -> str:
     md.preprocessors.deregister("html_block")  # text from manifests is shown, never interpreted
     md.inlinePatterns.deregister("html")
     md.treeprocessors.register(_EmbedImages(md, Path(run_dir).resolve()), "dsv3_embed_images", 5)
+    md.treeprocessors.register(_MarkFailures(md), "dsv3_mark_failures", 4)
     body = md.convert(text)
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -210,8 +211,8 @@ def _summary_row(view: StageView) -> str:
     if view.manifest is None:
         return f"| {link} | **missing** | {NONE} | {NONE} | {NONE} |"
     m = view.manifest
-    status = m.status if view.completed else f"**{m.status}**"
-    metrics = m.metrics if view.completed else {}
+    status = _status(m)
+    metrics = m.metrics if view.completed or m.failure else {}
     tokens = token_counts(metrics)
     keys = " · ".join(f"{_md(n)} {_value(metrics[n], 4)}" for n in key_metrics(metrics))
     return (
@@ -239,12 +240,25 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
             "",
         ]
     elif m.status == "failed":
+        why = _md(m.failure["message"]) if m.failure else "no metrics"
         lines += [
-            f"**failed** after {_duration(m.duration_s)} (attempt {m.attempts}): no metrics. "
-            "Rerun the pipeline to resume it from its last checkpoint.",
+            f"**failed** after {_duration(m.duration_s)} (attempt {m.attempts}): {why}. "
+            + (
+                "Its outputs are kept for inspection; change the recipe (or the check's threshold) and rerun."
+                if m.failure and m.failure["kind"] == "check"
+                else "Rerun the pipeline to resume it from its last checkpoint."
+            ),
             "",
         ]
-    metrics = m.metrics if view.completed else {}
+    if m.checks:
+        lines += ["### Health checks", "", "| check | measured | limit | result |", "|---|--:|--:|---|"]
+        lines += [
+            f"| {_md(c['name'])} | {_value(c['value'], 4)} | {_value(c['limit'], 4)} | "
+            f"{'passed' if c['passed'] else '**failed**'} |"
+            for c in m.checks
+        ]
+        lines.append("")
+    metrics = m.metrics if view.completed or m.failure else {}
     tokens = token_counts(metrics)
     lines += [
         "| item | value |",
@@ -268,6 +282,17 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
         for artifact in m.artifacts:
             lines += [_artifact(view.name, artifact, run_dir, link_plots), ""]
     return lines
+
+
+def _status(m: Manifest) -> str:
+    """completed / **failed**: the line / **running**, and completed runs whose failed checks were let through."""
+    if m.status == "failed" and m.failure:
+        return f"**failed**: {_md(m.failure['message'])}"
+    if m.status != "completed":
+        return f"**{m.status}**"
+    if m.failed_checks:
+        return f"completed, **checks failed** (not enforced): {_md(', '.join(c['name'] for c in m.failed_checks))}"
+    return "completed"
 
 
 def _artifact(stage: str, artifact: str, run_dir: Path, link_plots: bool) -> str:
@@ -298,6 +323,15 @@ class _EmbedImages(Treeprocessor):
             mime = IMAGE_TYPES.get(path.suffix.lower())
             if mime and path.is_relative_to(self.run_dir) and path.is_file():
                 img.set("src", f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}")
+
+
+class _MarkFailures(Treeprocessor):
+    """Bold words that report a failure (failed, missing, running, checks failed) get the `bad` class: red."""
+
+    def run(self, root) -> None:
+        for strong in root.iter("strong"):
+            if (strong.text or "").strip().lower() in ("failed", "checks failed", "missing", "running"):
+                strong.set("class", "bad")
 
 
 def _md(text: object) -> str:
@@ -383,4 +417,5 @@ th, td { border: 1px solid #ccc; padding: .25rem .6rem; }
 th { background: #f4f4f4; }
 code { background: #f4f4f4; padding: 0 .2rem; }
 img { max-width: 100%; border: 1px solid #eee; }
+.bad { color: #c62828; }
 """

@@ -57,15 +57,18 @@ class Tracker:
     @contextmanager
     def pipeline_run(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
         """The parent run; finished as FINISHED, or FAILED if the pipeline raised."""
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        tags = {"dsv3.runs_dir": str(self.runs_dir), **(tags or {})}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
         with self._terminated(self.parent_id):
             yield self.parent_id
 
     @contextmanager
-    def stage_run(self, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
+    def stage_run(
+        self, stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
+    ) -> Iterator[str]:
         """A nested run for one stage; the environment points at it while the stage runs."""
-        tags = {"dsv3.stage": stage}
+        tags = {"dsv3.stage": stage, "dsv3.runs_dir": str(self.runs_dir), **(tags or {})}
         if self.parent_id:
             tags[PARENT_TAG] = self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
@@ -88,12 +91,29 @@ class Tracker:
 
     @contextmanager
     def _terminated(self, run_id: str) -> Iterator[None]:
+        """FINISHED, or FAILED (KILLED for Ctrl-C / SIGTERM) if the body raised; when even that cannot be written
+        (a full disk), the run stays RUNNING until `close_stale_runs` of the next pipeline run closes it."""
         try:
             yield
-        except BaseException:
-            self.client.set_terminated(run_id, status="FAILED")
+        except BaseException as error:
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            try:
+                self.client.set_terminated(run_id, status=status)
+            except Exception:  # noqa: BLE001 - the original error is what the user must see
+                pass
             raise
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def close_stale_runs(self, runs_tag: str) -> int:
+        """Mark KILLED the runs of this experiment still RUNNING with tag dsv3.runs_dir = `runs_tag`: their process
+        died (killed, disk full) — the caller holds that runs folder's lock, so no live run can be among them."""
+        stale = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`dsv3.runs_dir` = '{runs_tag}'",
+        )
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        return len(stale)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]

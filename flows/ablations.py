@@ -1,6 +1,6 @@
 """The ablation flow: paired pretraining runs through the pipeline's stage code, compared with the papers.
 
-    python -m flows.ablations [--recipes recipes/ablations] [--runs-dir runs]        (what `make ablations` runs)
+    dsv3 ablations [--recipes recipes/ablations] [--runs-dir runs]        (what `make ablations` runs)
 
 Every `<stem>.yaml` in the recipes folder is one arm of an ablation of dsv3.eval.ablations.ABLATIONS (fp8 / bf16,
 loss-free / aux-loss, mtp-on / mtp-off); the two arms of a pair must differ in exactly the ablation's switch. Each
@@ -19,26 +19,22 @@ go on; the flow then raises, naming it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-# Before Prefect reads its settings (as flows/pipeline.py).
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.context import TaskRunContext  # noqa: E402
-
-import dsv3.eval.ablations as ablation_eval  # noqa: E402
-from dsv3.config import Recipe, RecipeError, flatten, load_recipe  # noqa: E402
-from dsv3.eval.ablations import (  # noqa: E402
+import dsv3.eval.ablations as ablation_eval
+from dsv3.config import Recipe, flatten, load_recipe
+from dsv3.errors import StageFailed
+from dsv3.eval.ablations import (
     ABLATIONS,
     ARMS,
     Ablation,
@@ -49,22 +45,23 @@ from dsv3.eval.ablations import (  # noqa: E402
     mtp_acceptance,
     plot_pair,
 )
-from dsv3.infer import speculative  # noqa: E402
-from dsv3.infer.generate import load_checkpoint  # noqa: E402
-from dsv3.report import markdown_to_html  # noqa: E402
-from dsv3.stages import pretrain  # noqa: E402
-from dsv3.stages.corpus import recipe_corpus  # noqa: E402
-from dsv3.stages.manifest import is_trusted, read_manifest  # noqa: E402
-from dsv3.stages.runner import StageInputError, code_version, run_root, stage_key  # noqa: E402
-from dsv3.tracking import PARENT_TAG, Tracker  # noqa: E402
-from flows.pipeline import manifest_cache_key, run_and_publish  # noqa: E402
+from dsv3.infer import speculative
+from dsv3.infer.generate import load_checkpoint
+from dsv3.io import write_json_atomic
+from dsv3.report import markdown_to_html
+from dsv3.stages import pretrain
+from dsv3.stages.corpus import recipe_corpus
+from dsv3.stages.manifest import is_trusted, read_manifest
+from dsv3.stages.runner import StageInputError, code_version, run_root, stage_key
+from dsv3.tracking import PARENT_TAG, Tracker
+from flows.pipeline import retry_crashes_only, run_and_publish
 
 EXPERIMENT = "dsv3-ablations"
 REPORT_DIR = "ablations"  # runs/ablations/: the comparison
 ARM_METRICS = ("final_val_loss", "final_val_bits_per_byte", "final_val_maxvio_global", "best_val_loss")
 
 
-@task(cache_key_fn=manifest_cache_key, persist_result=True)
+@task(persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=retry_crashes_only)
 def arm_stage_task(
     stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str, tags: dict[str, str]
 ) -> dict[str, Any]:
@@ -73,36 +70,41 @@ def arm_stage_task(
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     tracker.parent_id = parent_run_id
     result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of ablation arm {parsed.name}")
-    if result["action"] != "skipped":
+    if isinstance(result, dict) and result["action"] != "skipped":
         tracker.set_tags(result["mlflow_run_id"], tags)
     return result
 
 
-def acceptance_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+def acceptance_key(recipe: Recipe, runs_dir: str, settings: tuple[int, int, int]) -> str | None:
     """The pretrained model's output hash, the data section, the measurement's settings and its code: an arm
     whose model equals another's (mtp-on and loss-free) or a rerun reuses the rate; None while no model is there."""
-    recipe = Recipe.model_validate(parameters["recipe"])
-    workdir = run_root(parameters["runs_dir"], recipe) / "pretrain"
-    manifest = read_manifest(workdir)
+    manifest = read_manifest(run_root(runs_dir, recipe) / "pretrain")
     if manifest is None or manifest.status != "completed":
         return None
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (ablation_eval, speculative)))
-    settings = f"{parameters['prompts']}-{parameters['prompt_tokens']}-{parameters['new_tokens']}"
-    return (
-        f"dsv3-acceptance-{manifest.output_hash[:24]}-{recipe.section_hash('data')[:16]}-{settings}-"
-        f"{code.hexdigest()[:16]}"
-    )
+    return hashlib.sha256(
+        f"{manifest.output_hash}-{recipe.section_hash('data')}-{settings}-{code.hexdigest()}".encode()
+    ).hexdigest()
 
 
-@task(cache_key_fn=acceptance_cache_key, persist_result=True)
+@task(persist_result=False, cache_policy=NO_CACHE)
 def acceptance_task(
     recipe: dict[str, Any], runs_dir: str, prompts: int, prompt_tokens: int, new_tokens: int
 ) -> float:
-    """MTP acceptance rate of the arm's pretrained model on `prompts` windows of its validation text."""
+    """MTP acceptance rate of the arm's pretrained model on `prompts` windows of its validation text, kept in
+    runs/ablations/acceptance/<key>.json (JSON, read back only when its key matches)."""
     parsed = Recipe.model_validate(recipe)
+    key = acceptance_key(parsed, runs_dir, (prompts, prompt_tokens, new_tokens))
+    cached = Path(runs_dir) / REPORT_DIR / "acceptance" / f"{key}.json"
+    if key and cached.is_file():
+        return float(json.loads(cached.read_text())["acceptance_rate"])
     model, tokenizer = load_checkpoint(run_root(runs_dir, parsed) / "pretrain" / pretrain.OUTPUT)
     texts = recipe_corpus(parsed.data)["validation"]["text"]
-    return mtp_acceptance(model, acceptance_prompts(tokenizer, texts, prompts, prompt_tokens), new_tokens)
+    rate = mtp_acceptance(model, acceptance_prompts(tokenizer, texts, prompts, prompt_tokens), new_tokens)
+    if key:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cached, {"acceptance_rate": rate, "arm": parsed.name})
+    return rate
 
 
 @flow(name="dsv3-ablations", log_prints=False)
@@ -140,7 +142,8 @@ def ablations(
     logger.info("comparison: %s", report)
     logger.info("MLflow: %s, experiment %s; `make ui` to browse", tracker.uri, EXPERIMENT)
     if failures:
-        raise RuntimeError(f"ablation arms failed: {'; '.join(failures)}")
+        message = f"ablation arms failed: {'; '.join(failures)}"
+        return Failed(message=message, data={"failure": {"kind": "check", "message": message}})
     return report
 
 
@@ -186,12 +189,14 @@ def run_arm(
             donor = adopt_finished_stage(stage, recipe, runs_dir, donors)
             if donor:
                 logger.info("%-9s %-10s reuses the finished stage of %s", stem, stage, donor)
-            result = arm_stage_task.with_options(name=f"{stem}-{stage}")(
-                stage, recipe.model_dump(mode="json"), str(runs_dir), arm_run_id, tags
+            state = arm_stage_task.with_options(name=f"{stem}-{stage}")(
+                stage, recipe.model_dump(mode="json"), str(runs_dir), arm_run_id, tags, return_state=True
             )
-            if result["parent_run_id"] != arm_run_id:  # a Prefect cache hit: the body did not run
-                result = result | {"action": "skipped"}
-                tracker.mark_reused(stage, result["mlflow_run_id"])
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, BaseException):
+                raise result
+            if state.is_failed():
+                raise StageFailed(result["failure"]["message"])
             logger.info("%-9s %-10s %s", stem, stage, result["action"])
         run = arm_run(recipe, runs_dir, ablation.switch)
         if run is None:
@@ -267,30 +272,3 @@ def publish(
     for path in (md_path, html_path, *(out_dir / p for p in plots.values())):
         tracker.log_artifact(top_id, path)
     return md_path
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.ablations",
-        description="Run the paired ablation pretrainings (one recipe per arm) and write runs/ablations/ablations.md.",
-    )
-    parser.add_argument(
-        "--recipes", default="recipes/ablations", help="folder of arm recipes (recipes/ablations)"
-    )
-    parser.add_argument(
-        "--runs-dir", default=os.environ.get("DSV3_RUNS_DIR", "runs"), help="where runs go (runs/)"
-    )
-    args = parser.parse_args(argv)
-    runs_dir = Path(args.runs_dir).resolve()
-    os.environ.setdefault("PREFECT_HOME", str(runs_dir / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    try:
-        load_arms(args.recipes)  # fail fast, before Prefect starts
-    except (RecipeError, ValueError) as err:
-        print(f"ablations: error: {err}".splitlines()[0], file=sys.stderr)
-        sys.exit(2)
-    ablations(recipes_dir=args.recipes, runs_dir=str(runs_dir))
-
-
-if __name__ == "__main__":
-    main()

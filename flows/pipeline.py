@@ -1,68 +1,59 @@
 """The pipeline as a Prefect flow: one task per stage, in the recipe's order.
 
-Pure wiring of `dsv3.stages`: the runner decides skip / resume / rerun from each stage's manifest; this flow
-adds Prefect's view of it — retries from the recipe, a cache keyed on the manifest hashes (so a finished
-stage is not even entered in a later flow run, but only while its outputs are intact), and a markdown
-artifact per stage with its metrics; at the end, the run's report card (`dsv3.report`) as a Prefect artifact
-and as files of the MLflow parent run. It runs with no Prefect server (ephemeral mode); when `make ui` has
-a server up, the same runs show there.
+Pure wiring of `dsv3.stages`: the runner decides skip / resume / rerun from each stage's manifest and judges its
+health checks; this flow adds Prefect's view of it — a task per stage with the recipe's retries (for crashes
+only: bad input and failed checks are not retried), a markdown artifact per stage with its metrics, and at the
+end the run's report card (`dsv3.report`) as a Prefect artifact and as files of the MLflow parent run. A stage
+that fails — bad input, a failed health check, a diverged loss, a full disk — ends its task in a Failed state
+with one line saying why (no traceback), the stages after it do not run, and the flow returns a Failed state
+carrying that line; `dsv3 run` prints it and exits non-zero.
 
-    python flows/pipeline.py --recipe recipes/tiny.yaml [--until tokenizer] [--set key=value ...]
+Nothing is cached or persisted by Prefect (its results would be pickles under runs/prefect/): the manifests
+already decide reuse, and a finished stage is skipped in well under a second.
+
+    dsv3 run --recipe recipes/tiny.yaml [--until tokenizer] [--set key=value ...]
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# Before Prefect reads its settings: the temporary (ephemeral) server can take longer than Prefect's 20 s
-# to start on a busy 2-core laptop, and its telemetry heartbeat only adds sqlite lock contention.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.context import TaskRunContext  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 
 from dsv3.config import Recipe, flatten, load_recipe
+from dsv3.errors import classify
 from dsv3.report import report_markdown, write_report
-from dsv3.stages.manifest import is_trusted, read_manifest
-from dsv3.stages.runner import StageInputError, code_version, run_root, run_stage, stage_key
+from dsv3.stages.runner import code_version, run_root, run_stage
 from dsv3.tracking import Tracker
-
-
-def manifest_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The stage's key and output hash while its manifest is trusted; None (no cache) otherwise.
-
-    Prefect's default cache lives for one flow run; this one spans runs, and a deleted or corrupted output
-    changes the answer to None, so the task runs again instead of returning a stale cached result.
-    """
-    recipe = Recipe.model_validate(parameters["recipe"])
-    root = run_root(parameters["runs_dir"], recipe)
-    name = parameters["stage"]
-    try:
-        key = stage_key(name, recipe, root)
-    except StageInputError:
-        return None
-    manifest = read_manifest(root / name)
-    if not is_trusted(manifest, key, root / name):
-        return None
-    return f"dsv3-{recipe.name}-{name}-{key.digest()[:24]}-{manifest.output_hash[:24]}"
 
 
 def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker, description: str) -> dict[str, Any]:
     """Run one stage through the manifest runner (tracked by `tracker`) and publish its Prefect markdown
-    artifact; returns what a stage task returns."""
-    outcome = run_stage(stage, recipe, runs_dir, tracker)
+    artifact; returns what a stage task returns. Known failures come back as a Failed state (no traceback)."""
+    workdir = run_root(runs_dir, recipe) / stage
+    try:
+        outcome = run_stage(stage, recipe, runs_dir, tracker)
+    except Exception as error:
+        failure = classify(error, workdir)
+        if failure.kind == "crash":
+            raise  # a bug: Prefect shows the traceback
+        create_markdown_artifact(
+            key=artifact_key(f"{recipe.name}-{stage}"),
+            markdown=f"# Stage `{stage}` — **failed**\n\n{failure.message}\n\nOutputs: `{workdir}`\n",
+            description=description,
+        )
+        return Failed(message=failure.message, data={"stage": stage, "failure": asdict(failure)})
     m = outcome.manifest
     create_markdown_artifact(
         key=artifact_key(f"{recipe.name}-{stage}"),
-        markdown=stage_markdown(
-            stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary
-        ),
+        markdown=stage_markdown(stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary),
         description=description,
     )
     return {
@@ -72,35 +63,39 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
         "metrics": m.metrics,
         "mlflow_run_id": m.mlflow_run_id,
         "parent_run_id": tracker.parent_id,
+        "failed_checks": [c["name"] for c in m.failed_checks],
     }
 
 
-@task(cache_key_fn=manifest_cache_key, persist_result=True)
-def stage_task(
-    stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str | None
-) -> dict[str, Any]:
+def retry_crashes_only(task, task_run, state: State) -> bool:
+    """Prefect retries a stage that crashed; bad input, failed checks and divergence would fail again."""
+    return not isinstance(state.result(raise_on_failure=False), dict)
+
+
+@task(persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=retry_crashes_only)
+def stage_task(stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str | None) -> dict[str, Any]:
     """Run one stage through the manifest runner, inside the pipeline's MLflow parent run."""
     parsed = Recipe.model_validate(recipe)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{parsed.name}")
     tracker.parent_id = parent_run_id
-    result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of recipe {parsed.name}")
-    get_run_logger().info("%s: %s in %s", stage, result["action"], result["workdir"])
-    return result
+    return run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of recipe {parsed.name}")
 
 
-@flow(name="dsv3-pipeline", log_prints=False)  # True would break dill's capture of dis output
+@flow(name="dsv3-pipeline", log_prints=False, persist_result=False)
 def pipeline(
     recipe_path: str = "recipes/tiny.yaml",
     overrides: list[str] | None = None,
     until: str | None = None,
     runs_dir: str = "runs",
 ) -> list[dict[str, Any]]:
-    """tokenizer → pretrain → extend → sft → reward → rl, as far as the recipe (or `until`) says."""
+    """tokenizer → pretrain → extend → sft → reward → rl, as far as the recipe (or `until`) says; stops at the
+    first stage that fails and returns a Failed state naming it."""
     recipe = load_recipe(recipe_path, overrides or [])
     stages = stages_to_run(recipe, until)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{recipe.name}")
+    tracker.close_stale_runs(str(tracker.runs_dir))
     logger = get_run_logger()
-    results = []
+    results, failed = [], None
     tags = {
         "dsv3.recipe": recipe.name,
         "dsv3.recipe_path": str(recipe_path),
@@ -115,19 +110,26 @@ def pipeline(
                 retries=recipe.pipeline.retries,
                 retry_delay_seconds=recipe.pipeline.retry_delay_s,
             )
-            result = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), parent_id)
-            if result["parent_run_id"] != parent_id:  # a Prefect cache hit: the body did not run
-                result = result | {"action": "skipped"}
-                tracker.mark_reused(stage, result["mlflow_run_id"])
+            state = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), parent_id, return_state=True)
+            result = state.result(raise_on_failure=False)
+            if state.is_failed():
+                failed = result if isinstance(result, dict) else {"stage": stage, "failure": asdict(classify(result))}
+                logger.error("%-10s failed: %s", stage, failed["failure"]["message"])
+                break
             result["seconds"] = time.time() - started
-            logger.info(
-                "%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"]
-            )
+            logger.info("%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"])
+            for name in result["failed_checks"]:
+                logger.warning("%-10s health check %s failed (checks.enforce is false: going on)", stage, name)
             results.append(result)
         if stages:
             logger.info("report:  %s", publish_report(run_root(runs_dir, recipe), tracker, parent_id))
+        if failed:
+            tracker.set_tags(parent_id, {"dsv3.failed_stage": failed["stage"]})
     logger.info("outputs: %s", run_root(runs_dir, recipe))
     logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.uri, parent_id)
+    if failed:
+        tracker.client.set_terminated(parent_id, status="FAILED")
+        return Failed(message=failed["failure"]["message"], data=failed | {"results": results})
     return results
 
 
@@ -136,9 +138,7 @@ def stages_to_run(recipe: Recipe, until: str | None) -> list[str]:
     if until is None:
         return stages
     if until not in stages:
-        raise ValueError(
-            f"--until {until}: not a stage of recipe {recipe.name} (stages: {', '.join(stages)})"
-        )
+        raise ValueError(f"--until {until}: not a stage of recipe {recipe.name} (stages: {', '.join(stages)})")
     return stages[: stages.index(until) + 1]
 
 
@@ -159,17 +159,9 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def stage_markdown(
-    stage: str, action: str, workdir: Path, metrics: dict, run_id: str | None, summary: str
-) -> str:
+def stage_markdown(stage: str, action: str, workdir: Path, metrics: dict, run_id: str | None, summary: str) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
     return (
         f"# Stage `{stage}` — {action}\n\nOutputs: `{workdir}`  \nMLflow run: `{run_id}`\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n{summary}\n"
     )
-
-
-if __name__ == "__main__":
-    from dsv3.cli import main
-
-    main(["run", *__import__("sys").argv[1:]])

@@ -119,9 +119,16 @@ def test_evaluate_accuracy_with_canned_answers(tokenizer):
         "pass_at_k": 1.0,
         "format_rate": 1.0,
         "mean_completion_tokens": greedy["mean_completion_tokens"],
+        "truncated_rate": 0.0,
     }
     lengths = [len(chat(r[0], add_special_tokens=False)["input_ids"]) + 1 for r in replies.values()]
     assert greedy["mean_completion_tokens"] == pytest.approx(sum(lengths) / 2)  # EOS counted, padding not
+    cut = evaluate_accuracy(CannedModel(chat, replies), chat, problems, max_new_tokens=min(lengths), batch_size=1)
+    assert cut["truncated_rate"] == 1.0  # the shorter answer ends exactly at the limit, the longer is cut off
+    assert min(lengths) < max(lengths)
+    assert evaluate_accuracy(CannedModel(chat, replies), chat, problems, max_new_tokens=max(lengths))[
+        "truncated_rate"
+    ] == 0.5
 
     sampled = evaluate_accuracy(
         CannedModel(chat, replies), chat, problems, max_new_tokens=64, batch_size=2, k=2, n=4, temperature=1.0

@@ -49,7 +49,7 @@ def test_overlay_file(tmp_path):
     "override, message",
     [
         ("model.foo=1", "model.foo: unknown key (allowed: "),
-        ("bogus=1", "bogus: unknown key (allowed: data, "),
+        ("bogus=1", "bogus: unknown key (allowed: checks, data, "),
         ("model.hidden_size=-1", "model.hidden_size: Input should be greater than 0 (got -1)"),
         ("data.seq_len=abc", "data.seq_len: Input should be a valid integer"),
         ("data.fim_rate=1.5", "data.fim_rate: Input should be less than or equal to 1"),

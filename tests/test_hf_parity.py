@@ -136,7 +136,7 @@ def test_unsupported_configs_fail_clearly(tmp_path):
     ).save_pretrained(tmp_path / "softmax")
     with pytest.raises(ValueError, match="sigmoid"):
         export_hf(tmp_path / "softmax", tmp_path / "out")
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="missing is not a directory"):
         import_hf(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(

@@ -13,10 +13,15 @@ identical files) always share a split: nothing in validation was seen verbatim i
 
 import hashlib
 import inspect
+import json
 import sysconfig
 from pathlib import Path
 
 import datasets
+import pyarrow
+import pyarrow.parquet
+
+from dsv3.errors import InputError
 
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STDLIB_SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -94,13 +99,13 @@ def local_files(paths: str | Path | list[str | Path]) -> dict[str, list[str]]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
             if not found:
-                raise ValueError(f"{path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+                raise InputError(f"data.paths: {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
         elif path.is_file():
             if path.suffix not in LOCAL_SUFFIXES:
-                raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+                raise InputError(f"data.paths: {path} has an unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
             found = [path]
         else:
-            raise ValueError(f"corpus path {path} does not exist")
+            raise InputError(f"data.paths: {path} does not exist (paths are relative to the working directory)")
         for file in found:
             by_builder.setdefault(LOCAL_SUFFIXES[file.suffix], []).append(str(file))
     return by_builder
@@ -108,8 +113,8 @@ def local_files(paths: str | Path | list[str | Path]) -> dict[str, list[str]]:
 
 def text_column(dataset: datasets.Dataset, text_field: str, source: str) -> list[str]:
     if text_field not in dataset.column_names:
-        raise ValueError(
-            f"{source} has no field {text_field!r} (it has {dataset.column_names}); set text_field to the right one"
+        raise InputError(
+            f"data.text_field: {source} has no field {text_field!r} (it has {dataset.column_names}); set data.text_field"
         )
     return [t for t in dataset[text_field] if isinstance(t, str) and t]
 
@@ -121,15 +126,48 @@ def local_corpus(
     cache_dir: str | None = None,
 ) -> datasets.DatasetDict:
     """Documents from local files, read with `datasets.load_dataset` ("text" with one document per file,
-    "json", "parquet"); empty documents are dropped; split by a hash of each document's text."""
+    "json", "parquet"); empty files and documents are dropped; split by a hash of each document's text. A file
+    `datasets` cannot read is named in a one-line InputError (with the line, for JSON lines)."""
     texts = []
     for builder, files in sorted(local_files(paths).items()):
+        files = [f for f in files if Path(f).stat().st_size > 0]  # an empty file holds no documents
+        if not files:
+            continue
         options = {"sample_by": "document"} if builder == "text" else {}
-        loaded = datasets.load_dataset(
-            builder, data_files=files, split="train", cache_dir=cache_dir, **options
-        )
+        try:
+            loaded = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **options)
+        except Exception as err:  # noqa: BLE001 - datasets wraps every reader error; find the file ourselves
+            why = first_unreadable(builder, files) or f"{builder} files {files[:3]} cannot be read ({err})"
+            raise InputError(f"data.paths: {why}".splitlines()[0]) from None
         texts += text_column(loaded, text_field, f"{builder} files {files[:3]}")
     return split_by_hash(texts, validation_fraction)
+
+
+def first_unreadable(builder: str, files: list[str]) -> str:
+    """Why the first of `files` that is not what its suffix says fails, naming the file (and line); "" if none."""
+    for file in files:
+        try:
+            if builder == "parquet":
+                pyarrow.parquet.read_metadata(file)
+                continue
+            text = Path(file).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"{file} is not UTF-8 text (byte {err.start}); convert it or leave it out"
+        except (OSError, pyarrow.ArrowException) as err:
+            return f"{file} is not a parquet file ({str(err).splitlines()[0]})"
+        if builder == "json":
+            rows = [text] if Path(file).suffix == ".json" and text.lstrip().startswith("[") else text.splitlines()
+            for number, line in enumerate(rows, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    where = f"{file}:{number}" if len(rows) > 1 else file
+                    return f"{where} is not valid JSON ({err.msg} at column {err.colno}); one JSON object per line"
+                if not isinstance(row, dict | list):
+                    return f"{file}:{number} holds a {type(row).__name__}, not a JSON object with a text field"
+    return ""
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -166,7 +204,14 @@ def hf_corpus(
             saved = saved[split]
         source = saved.to_iterable_dataset() if streaming else saved
     else:
-        source = datasets.load_dataset(name, config, split=split, streaming=streaming, cache_dir=cache_dir)
+        try:
+            source = datasets.load_dataset(name, config, split=split, streaming=streaming, cache_dir=cache_dir)
+        except Exception as err:  # noqa: BLE001 - network, name, config or split: say which dataset and why
+            raise InputError(
+                f"data.hf_name: cannot load dataset {name!r} (config {config!r}, split {split!r}): "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; check the name and your network, "
+                "or point data.hf_name at a local folder"
+            ) from None
     texts = []
     for example in source:
         if text_field not in example:
@@ -194,5 +239,9 @@ def load_corpus(kind: str, **kwargs) -> datasets.DatasetDict:
         raise ValueError(f"corpus kind {kind!r}: {err}; its arguments are {allowed}") from None
     corpus = source(**kwargs)
     if len(corpus["train"]) == 0:
-        raise ValueError(f"the {kind} corpus {kwargs} has no training documents; give it more data")
+        where = kwargs.get("paths") or kwargs.get("name") or kind
+        raise InputError(
+            f"data: the {kind} corpus {where} has no training documents (empty files, or no non-empty "
+            f"{kwargs.get('text_field', 'text')!r} strings); give it text"
+        )
     return corpus

@@ -47,9 +47,11 @@ def score_completions(
     references: Sequence[str],
     lengths: Sequence[Sequence[int]],
     k: int = 1,
+    max_new_tokens: int | None = None,
 ) -> dict[str, float]:
     """Scores of n completions per problem: accuracy (mean over all completions), pass_at_k (mean over problems),
-    format_rate (share well formed), mean_completion_tokens (generated tokens, EOS included)."""
+    format_rate (share well formed), mean_completion_tokens (generated tokens, EOS included) and, given the
+    generation budget, truncated_rate (share that used all of it: cut off, or ended exactly at the limit)."""
     if len(completions) != len(references) or len(completions) != len(lengths) or not completions:
         raise ValueError(
             "need one list of completions and of lengths per reference, and at least one problem"
@@ -59,12 +61,15 @@ def score_completions(
         for texts, ref in zip(completions, references, strict=True)
     ]
     flat = [text for texts in completions for text in texts]
-    return {
+    scores = {
         "accuracy": sum(map(sum, correct)) / len(flat),
         "pass_at_k": sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(correct),
         "format_rate": sum(map(is_well_formed, flat)) / len(flat),
         "mean_completion_tokens": sum(map(sum, lengths)) / len(flat),
     }
+    if max_new_tokens is not None:
+        scores["truncated_rate"] = sum(n >= max_new_tokens for ns in lengths for n in ns) / len(flat)
+    return scores
 
 
 @torch.no_grad()
@@ -138,7 +143,7 @@ def evaluate_accuracy(
     n: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """accuracy, pass_at_k, format_rate and mean_completion_tokens of `model` on `problems` (dicts with "prompt"
+    """accuracy, pass_at_k, format_rate, mean_completion_tokens and truncated_rate of `model` on `problems` (dicts with "prompt"
     and "answer", as dsv3.data.math_tasks.generate_problems makes them). k = 1 and temperature 0: greedy
     accuracy (pass_at_k = accuracy). k > 1: n >= k samples per problem (n defaults to k) at `temperature` > 0,
     drawn under `seed` without touching the global RNG."""
@@ -151,4 +156,4 @@ def evaluate_accuracy(
         completions, lengths = generate_completions(
             model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size, n, temperature
         )
-    return score_completions(completions, [p["answer"] for p in problems], lengths, k)
+    return score_completions(completions, [p["answer"] for p in problems], lengths, k, max_new_tokens)

@@ -7,7 +7,6 @@ A plain prompt is fed after an EOS, the separator every document followed in pre
 documents and adds no BOS); a conversation goes through the tokenizer's chat template.
 """
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -20,26 +19,13 @@ from transformers import AutoTokenizer, TextStreamer
 from dsv3.infer.absorbed import absorb_attention
 from dsv3.infer.speculative import DecodeResult, greedy_decode, mtp_speculative_decode
 from dsv3.model import DSV3ForCausalLM
+from dsv3.model.hf import check_dsv3_checkpoint
 
 
 def load_checkpoint(path: str | Path) -> tuple[DSV3ForCausalLM, object]:
     """The model (eval mode, absorbed MLA decoding) and its tokenizer; a one-line ValueError for a bad directory."""
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(
-            f"checkpoint {path} is not a directory: pass a save_pretrained folder such as runs/tiny/pretrain/model"
-        )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{config_file} not found: {path} is not a save_pretrained checkpoint")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err}): re-save the checkpoint") from None
-    if model_type != "dsv3":
-        raise ValueError(
-            f"{path} holds model_type {model_type!r}, not dsv3 (a deepseek_v3 directory converts with `dsv3 import-hf`)"
-        )
+    check_dsv3_checkpoint(path, causal_lm=True)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer.json in {path}: copy the tokenizer files next to the weights")
     try:

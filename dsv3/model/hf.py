@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config
 
@@ -54,20 +55,64 @@ MTP_COPY_KEY = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_h
 
 
 def read_config_json(directory: str | Path) -> dict:
-    path = Path(directory) / "config.json"
+    """config.json of a checkpoint folder; a one-line ValueError when the folder, the file or its JSON is wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint {directory} is not a directory: pass a save_pretrained folder")
+    path = directory / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path} not found: pass a save_pretrained directory")
-    return json.loads(path.read_text())
+        raise ValueError(f"{path} not found: {directory} is not a save_pretrained checkpoint")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): re-save the checkpoint") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object: re-save the checkpoint")
+    return config
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The checkpoint's *.safetensors files, each with a readable header and tensors; a one-line ValueError naming
+    the file otherwise. Pickle weights (pytorch_model.bin) are never loaded: unpickling can run code."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in Path(directory).glob("*.bin"))
+        also = f" (found {', '.join(pickles)}: pickles are not loaded, they can run code)" if pickles else ""
+        raise ValueError(f"no model.safetensors in {directory}{also}: save the model with safetensors")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        except Exception as err:  # noqa: BLE001 - any unreadable weights file is reported the same way
+            raise ValueError(f"{file} is unreadable ({str(err).splitlines()[0]}): re-save the checkpoint") from None
+    return files
 
 
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors weights in {directory}: save the model with safetensors")
     state = {}
-    for file in files:
+    for file in weight_files(directory):
         state.update(load_file(file))
     return state
+
+
+def check_dsv3_checkpoint(directory: str | Path, causal_lm: bool = True) -> dict:
+    """The config of a readable dsv3 checkpoint folder (config, weights); with `causal_lm`, one with an LM head
+    (not a reward model). One-line ValueErrors naming what is wrong."""
+    config = read_config_json(directory)
+    if config.get("model_type") != "dsv3":
+        raise ValueError(
+            f"{directory} holds model_type {config.get('model_type')!r}, not dsv3 "
+            "(a deepseek_v3 directory converts with `dsv3 import-hf`)"
+        )
+    architectures = config.get("architectures") or []
+    if causal_lm and architectures and "DSV3ForCausalLM" not in architectures:
+        raise ValueError(
+            f"{directory} holds a {architectures[0]} (a reward model), not a causal language model: "
+            "use a pretrain, extend, sft or rl model folder"
+        )
+    weight_files(directory)
+    return config
 
 
 def to_deepseek_v3_config(config: DSV3Config) -> DeepseekV3Config:
@@ -156,9 +201,10 @@ def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers `deepseek_v3` directory (config.json + model.safetensors) from a dsv3 checkpoint."""
-    raw = read_config_json(ckpt_dir)
-    if raw.get("model_type") != "dsv3":
-        raise ValueError(f"{ckpt_dir} holds model_type {raw.get('model_type')!r}, not a dsv3 checkpoint")
+    check_dsv3_checkpoint(ckpt_dir)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: pass a folder to write the deepseek_v3 checkpoint into")
     model = DSV3ForCausalLM.from_pretrained(ckpt_dir)
     config = model.config
     hf_config = to_deepseek_v3_config(config)
@@ -170,7 +216,6 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
         state[f"model.layers.{n + k}.shared_head.head.weight"] = model.lm_head.weight.detach()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_config.dtype = model.dtype
     hf_config.save_pretrained(out)
@@ -186,6 +231,8 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a dsv3 checkpoint (save_pretrained, safetensors) from a transformers / DeepSeek `deepseek_v3` directory."""
     raw = read_config_json(src_dir)
     check_importable(raw)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"{out_dir} is a file: pass a folder to write the dsv3 checkpoint into")
     state = read_safetensors(src_dir)
     n = raw["num_hidden_layers"]
     state = {k: v for k, v in state.items() if not MTP_COPY_KEY.match(k)}

@@ -14,9 +14,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
 from dsv3.config import STAGE_ORDER
+from dsv3.errors import InputError
 
 
 @dataclass
@@ -45,3 +47,15 @@ def get_stage(name: str) -> ModuleType:
     if name not in available_stages():
         raise ValueError(f"stage {name!r} is not built yet (built: {', '.join(available_stages())})")
     return importlib.import_module(f"dsv3.stages.{name}")
+
+
+def check_data_files(recipe, stages: list[str]) -> None:
+    """Before a run starts: every local file the stages would read exists (InputError naming the first that does
+    not). Each stage that reads local files lists them with `data_files(recipe)`."""
+    for name in stages:
+        module = get_stage(name)
+        for path in module.data_files(recipe) if hasattr(module, "data_files") else ():
+            if not Path(path).expanduser().exists():
+                raise InputError(
+                    f"{path} does not exist (the {name} stage reads it; paths are relative to the working directory)"
+                )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 
 from dsv3.config import DataSection
@@ -40,3 +42,12 @@ def capped_texts(split: datasets.Dataset, max_bytes: int | None) -> list[str]:
         texts.append(text)
         total += size
     return texts
+
+
+def recipe_data_files(data: DataSection) -> list[str]:
+    """The local files and folders the data section reads (their content is part of the reading stages' keys)."""
+    if data.source == "local":
+        return list(data.paths)
+    if data.source == "hf" and data.hf_name and Path(data.hf_name).expanduser().exists():
+        return [str(Path(data.hf_name).expanduser())]
+    return []

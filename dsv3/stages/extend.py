@@ -41,12 +41,14 @@ from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.stages import StageResult
 from dsv3.stages.balancing import LossFreeBalancer
-from dsv3.stages.corpus import capped_texts, recipe_corpus
+from dsv3.stages.corpus import capped_texts, recipe_corpus, recipe_data_files
+from dsv3.stages.health import NONFINITE, count_nonfinite
 from dsv3.stages.lightning_module import PretrainData, PretrainModule, StepProgressBar
 from dsv3.stages.plots import plot_losses
 from dsv3.stages.pretrain import (
     _write_json,
     lightning_trainer,
+    logged_losses,
     resume_point,
     save_model,
     token_byte_lengths,
@@ -56,8 +58,14 @@ from dsv3.stages.schedules import step_plan
 SECTIONS = ("data", "pretrain", "extend")
 INPUTS = ("pretrain",)
 OUTPUT = "model"
+TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a fix to this section
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
 COPY_ROWS, COPY_LENGTH = 16, 64  # the in-context copying probe: 16 random sequences of 64 tokens, each repeated
+
+
+def data_files(recipe: Recipe) -> list[str]:
+    """Local corpus files (their content is part of the stage's key)."""
+    return recipe_data_files(recipe.data)
 
 
 def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
@@ -369,6 +377,7 @@ def stage_result(
         "steps": float(total_steps),
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
+        NONFINITE: count_nonfinite(logged_losses(history)),
     } | {f"resumed_from_step_phase{i}": float(step) for i, step in resumed_from.items()}
     lengths = sorted({int(k) for k in after["perplexity"]})
     judged = [k for k in metrics if k.startswith("passkey_accuracy_after_")]

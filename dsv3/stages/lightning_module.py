@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -326,9 +327,36 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed: a kill never leaves a truncated last.ckpt."""
+    """Checkpoints written to a temporary file and renamed: a kill never leaves a truncated last.ckpt. The last.ckpt
+    being replaced becomes previous.ckpt, the fallback when last.ckpt turns out unreadable (`resume_point`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
         partial = Path(f"{path}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
+        if path.name == LAST and path.is_file():
+            os.replace(path, path.with_name(PREVIOUS))
         os.replace(partial, path)
+
+
+LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
+
+
+def resume_point(checkpoints: Path) -> tuple[Path | None, int]:
+    """(the newest readable checkpoint of last.ckpt / previous.ckpt, its optimizer step), or (None, 0) when a run
+    left none. An unreadable one (truncated, tampered: it is loaded with weights_only=True) is set aside as
+    `<name>.corrupt-<time>`, never deleted, and the run says so."""
+    for name in (LAST, PREVIOUS):
+        path = Path(checkpoints) / name
+        if not path.is_file():
+            continue
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
+            aside = path.with_name(f"{name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            print(f"dsv3: checkpoint {path} is unreadable ({reason}); set aside as {aside.name}", file=sys.stderr)
+            continue
+        return path, step
+    return None, 0

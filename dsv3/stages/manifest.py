@@ -26,6 +26,7 @@ class StageKey:
     recipe_hash: str
     input_hashes: dict[str, str]
     code_hash: str
+    data_hash: str = ""  # content of the local files the stage reads (dsv3.stages.fingerprint)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
@@ -44,6 +45,13 @@ class Manifest:
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 1
+    checks: list[dict] = field(default_factory=list)  # dsv3.stages.health.Check.to_json() of each judged check
+    failure: dict | None = None  # {"kind", "message"} of what stopped a failed stage (dsv3.errors.Failure)
+    fixed_hash: str = ""  # key without the sections a diverged run may change and still resume (TUNABLE)
+
+    @property
+    def failed_checks(self) -> list[dict]:
+        return [c for c in self.checks if not c["passed"]]
 
     @property
     def output_hash(self) -> str:
@@ -71,6 +79,7 @@ def read_manifest(workdir: Path) -> Manifest | None:
         data.pop("output_hash", None)
         data.pop("duration_s", None)
         data["key"] = StageKey(**data["key"])
+        data.pop("failed_checks", None)
         return Manifest(**data)
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -110,11 +119,16 @@ def sha256_path(path: Path) -> str:
     return digest.hexdigest()
 
 
-def is_trusted(manifest: Manifest | None, key: StageKey, workdir: Path) -> bool:
-    """Completed, same key, and every output still there with its recorded hash."""
-    if manifest is None or manifest.status != "completed" or manifest.key != key:
-        return False
+def outputs_intact(manifest: Manifest, workdir: Path) -> bool:
+    """Every output the manifest lists is still there with its recorded hash."""
     try:
         return hash_outputs(workdir, list(manifest.outputs)) == manifest.outputs
     except FileNotFoundError:
         return False
+
+
+def is_trusted(manifest: Manifest | None, key: StageKey, workdir: Path) -> bool:
+    """Completed, same key, and every output still there with its recorded hash."""
+    if manifest is None or manifest.status != "completed" or manifest.key != key:
+        return False
+    return outputs_intact(manifest, workdir)

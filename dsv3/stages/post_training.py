@@ -11,9 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
 
 from dsv3.config import ProblemsSection
 from dsv3.data.math_tasks import generate_problems
@@ -52,19 +57,47 @@ class ResumeStep(TrainerCallback):
         self.step = state.global_step
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint-<step>` whose trainer_state.json (written last) is complete, or None."""
+def checkpoints_newest_first(folder: Path) -> list[Path]:
     steps = {
         int(p.name.removeprefix("checkpoint-")): p
         for p in folder.glob("checkpoint-*")
         if p.name.removeprefix("checkpoint-").isdigit()
     }
-    for _, checkpoint in sorted(steps.items(), reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        return checkpoint
+    return [steps[step] for step in sorted(steps, reverse=True)]
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest readable `checkpoint-<step>` (see checkpoint_problem), or None; touches nothing."""
+    return next((c for c in checkpoints_newest_first(folder) if checkpoint_problem(c) is None), None)
+
+
+def resume_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a rerun resumes from: the newest readable one. Newer ones that are unreadable — cut short by
+    a kill, truncated, not loadable with weights_only — are set aside as `checkpoint-<step>.corrupt-<time>` (never
+    deleted), and the run says so."""
+    for checkpoint in checkpoints_newest_first(folder):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        aside = checkpoint.with_name(f"{checkpoint.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(checkpoint, aside)
+        print(f"dsv3: checkpoint {checkpoint} is unreadable ({problem}); set aside as {aside.name}", file=sys.stderr)
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when every file in it reads back."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        for weights in checkpoint.glob("*.safetensors"):
+            with safe_open(str(weights), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        with safe_globals():  # the numpy types the Trainer's RNG state holds, as the Trainer allows them
+            for state in (*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")):
+                torch.load(state, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - whatever makes it unreadable, it is set aside the same way
+        return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
     return None
 
 

@@ -41,13 +41,15 @@ from dsv3.fp8 import FP8BlockwisePrecision
 from dsv3.model import DSV3Config
 from dsv3.stages import StageResult
 from dsv3.stages.balancing import LossFreeBalancer
-from dsv3.stages.corpus import recipe_corpus
+from dsv3.stages.corpus import recipe_corpus, recipe_data_files
+from dsv3.stages.health import NONFINITE, count_nonfinite
 from dsv3.stages.launch import inside_torchrun, launch_torchrun, world_size
 from dsv3.stages.lightning_module import (
     AtomicCheckpointIO,
     PretrainData,
     PretrainModule,
     StepProgressBar,
+    resume_point,
     validation_subset,
 )
 from dsv3.stages.plots import plot_expert_load, plot_losses, plot_max_violation
@@ -57,9 +59,15 @@ from dsv3.tracking import stage_run
 SECTIONS = ("data", "model", "pretrain")
 INPUTS = ("tokenizer",)
 OUTPUT = "model"
+TUNABLE = ("pretrain",)  # a diverged run resumes from its last checkpoint after a fix to this section
 CHECKPOINTS = "checkpoints"
 RESULT = "train_result.json"
 RANKS = "ranks"
+
+
+def data_files(recipe: Recipe) -> list[str]:
+    """Local corpus files (their content is part of the stage's key)."""
+    return recipe_data_files(recipe.data)
 
 
 def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
@@ -205,14 +213,6 @@ def lightning_trainer(
     )
 
 
-def resume_point(checkpoints: Path) -> tuple[Path | None, int]:
-    """(checkpoints/last.ckpt, its optimizer step) when a run stopped part-way left one, else (None, 0)."""
-    last = checkpoints / "last.ckpt"
-    if not last.is_file():
-        return None, 0
-    return last, int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
-
-
 def precision_plugins(precision: str, fp8_backend: str, accelerator: str) -> list[FP8BlockwisePrecision]:
     """The FP8 plugin for `fp8-blockwise` (PAPER.md, "FP8 training"); Lightning's own precisions need none."""
     if precision != "fp8-blockwise":
@@ -267,6 +267,11 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(partial, path)
 
 
+def logged_losses(history: list[dict[str, float]]) -> list[float]:
+    """Every loss the run logged (training terms, validation, MTP depths): what must stay finite."""
+    return [v for row in history for k, v in row.items() if "loss" in k or k in ("train/ce", "train/balance")]
+
+
 def unigram_cross_entropy(train_rows: datasets.Dataset, val_rows: datasets.Dataset, vocab_size: int) -> float:
     """Nats per token of the validation targets under the training tokens' unigram frequencies (add-one
     smoothed): the loss of a model that ignores context, the baseline the trained model must beat."""
@@ -319,6 +324,7 @@ def stage_result(
         "resumed_from_step": result["resumed_from_step"],
         "ranks": len(biases),
         "router_bias_rank_spread": bias_spread,
+        NONFINITE: count_nonfinite(logged_losses(history)),
     }
     summary = (
         f"{result['steps']} steps, {result['tokens'] / 1e6:.2f}M tokens in {seconds:.0f}s "

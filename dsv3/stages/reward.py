@@ -43,9 +43,10 @@ from dsv3.eval.accuracy import answer_is_correct, generate_completions  # noqa: 
 from dsv3.eval.rewards import RewardModelScore  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
+from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
-    last_checkpoint,
+    resume_checkpoint,
     recipe_problems,
     save_model,
     shared_arguments,
@@ -80,7 +81,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     start = ResumeStep()
     trainer.add_callback(start)
     started = time.perf_counter()
-    train(trainer, last_checkpoint(workdir / CHECKPOINTS))
+    train(trainer, resume_checkpoint(workdir / CHECKPOINTS))
     train_seconds = time.perf_counter() - started
     save_model(trainer.model, tokenizer, workdir / OUTPUT)
     after = pair_accuracy(trainer.model, tokenizer, pairs["heldout"])
@@ -99,6 +100,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         "sft_samples_wrong_rate": pairs["sft_samples_wrong_rate"],
         **{f"heldout_pair_accuracy_before{suffix}": v for suffix, v in before.items()},
         **{f"heldout_pair_accuracy{suffix}": v for suffix, v in after.items()},
+        NONFINITE: count_nonfinite(losses),
     }
     kinds = ", ".join(f"{k} {after[f'_{k}']:.0%}" for k in REJECTED_KINDS if f"_{k}" in after)
     summary = (

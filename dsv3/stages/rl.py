@@ -25,6 +25,7 @@ from pathlib import Path
 
 import datasets
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,9 +38,10 @@ from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_reward  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
+from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
-    last_checkpoint,
+    resume_checkpoint,
     recipe_problems,
     save_model,
     shared_arguments,
@@ -66,7 +68,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     start = ResumeStep()
     trainer.add_callback(start)
     started = time.perf_counter()
-    train(trainer, last_checkpoint(workdir / CHECKPOINTS))
+    train(trainer, resume_checkpoint(workdir / CHECKPOINTS))
     train_seconds = time.perf_counter() - started
     save_model(trainer.model, tokenizer, workdir / OUTPUT)
 
@@ -89,7 +91,9 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         "reward_first": logged[0]["reward"],
         "reward_final": logged[-1]["reward"],
         "kl_final": logged[-1].get("kl", 0.0),
+        "rollout_truncated_rate": float(np.mean([r.get("completions/clipped_ratio", 0.0) for r in logged])),
         **{f"heldout_{name}_{model}": value for model, s in scores.items() for name, value in s.items()},
+        NONFINITE: count_nonfinite(r[k] for r in history for k in ("loss", "kl", "reward") if k in r),
     }
     return StageResult(
         outputs=[OUTPUT],
@@ -173,6 +177,7 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: RlSection, seed: int) 
         f"pass_at_{cfg.eval_k}": sampled["pass_at_k"],
         "format_rate": greedy["format_rate"],
         "mean_completion_tokens": greedy["mean_completion_tokens"],
+        "truncated_rate": greedy["truncated_rate"],
     }
 
 

@@ -1,8 +1,15 @@
-"""Run one stage under the manifest contract: skip it, resume it, or run it from scratch.
+"""Run one stage under the manifest contract: skip it, resume it, or run it from scratch — then judge it.
 
 - completed, same key, outputs intact  -> skipped (the MLflow parent run is tagged with the producing run)
+- failed its checks, same key, outputs intact -> judged again (a changed threshold or `checks.enforce: false`
+  settles it without rerunning)
 - running/failed with the same key     -> resumed: the stage finds its own checkpoints in its folder
+- diverged, and since then only its TUNABLE sections changed (e.g. a lower LR) -> resumed from its last checkpoint
 - anything else (new key, corrupt or missing outputs, no manifest) -> the folder is cleared and it runs
+
+The key covers the stage's recipe sections, its inputs' output hashes, its code and the content of the local
+files it reads. A stage whose health checks (dsv3.stages.health) fail is marked failed — outputs kept for
+inspection — and StageFailed is raised with one line naming the check and the measured value.
 """
 
 from __future__ import annotations
@@ -12,20 +19,24 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
 import dsv3
 from dsv3.config import Recipe, flatten
+from dsv3.errors import StageFailed, classify
 from dsv3.stages import StageResult, get_stage, stage_inputs
+from dsv3.stages.fingerprint import content_hash
+from dsv3.stages.health import judge
 from dsv3.stages.manifest import (
     MANIFEST_NAME,
     Manifest,
     StageKey,
     hash_outputs,
     is_trusted,
+    outputs_intact,
     read_manifest,
     write_manifest,
 )
@@ -39,7 +50,7 @@ class StageInputError(RuntimeError):
 @dataclass
 class StageOutcome:
     stage: str
-    action: Literal["ran", "resumed", "skipped"]
+    action: Literal["ran", "resumed", "skipped", "rejudged"]
     manifest: Manifest
     workdir: Path
     summary: str = ""
@@ -61,7 +72,16 @@ def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
                 f"stage {name} needs the output of {upstream}: run the pipeline up to {upstream}"
             )
         input_hashes[upstream] = manifest.output_hash
-    return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, stage_code_hash(module))
+    data = content_hash(module.data_files(recipe), root.parent) if hasattr(module, "data_files") else ""
+    return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, stage_code_hash(module), data)
+
+
+def fixed_hash(module: ModuleType, recipe: Recipe, key: StageKey) -> str:
+    """The key without the stage's TUNABLE sections: equal before and after a fix that a diverged run may resume
+    under (same model, data, inputs and code; e.g. only the LR changed)."""
+    tunable = set(getattr(module, "TUNABLE", ()))
+    fixed = recipe.section_hash(*(s for s in module.SECTIONS if s not in tunable))
+    return hashlib.sha256(f"{fixed}{key.input_hashes}{key.data_hash}".encode()).hexdigest()
 
 
 # Plumbing that decides how a stage runs, not what it computes: editing it reruns nothing.
@@ -146,20 +166,32 @@ def code_version() -> str:
 def run_stage(
     name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker | None = None
 ) -> StageOutcome:
-    """Skip, resume or run stage `name` of `recipe`, writing its manifest and tracking it."""
+    """Skip, resume or run stage `name` of `recipe`, writing its manifest, tracking it and judging its checks."""
     module = get_stage(name)
     root = run_root(runs_dir, recipe)
     workdir = root / name
     key = stage_key(name, recipe, root)
     previous = read_manifest(workdir)
 
-    if is_trusted(previous, key, workdir):
+    if is_trusted(previous, key, workdir) or (
+        previous is not None
+        and previous.key == key
+        and previous.failure is not None
+        and previous.failure["kind"] == "check"
+        and outputs_intact(previous, workdir)
+    ):
         assert previous is not None
+        action = "skipped" if previous.status == "completed" else "rejudged"
+        settle(name, previous, recipe, workdir)
         if tracker:
             tracker.mark_reused(name, previous.mlflow_run_id)
-        return StageOutcome(name, "skipped", previous, workdir)
+        return StageOutcome(name, action, previous, workdir)
 
-    resuming = previous is not None and previous.key == key and previous.status in ("running", "failed")
+    fixed = fixed_hash(module, recipe, key)
+    resuming = previous is not None and previous.status in ("running", "failed") and (
+        previous.key == key
+        or (previous.failure is not None and previous.failure["kind"] == "diverged" and previous.fixed_hash == fixed)
+    )
     if not resuming and workdir.exists():
         shutil.rmtree(workdir)
     manifest = Manifest(
@@ -169,6 +201,7 @@ def run_stage(
         code_version=code_version(),
         started_at=time.time(),
         attempts=previous.attempts + 1 if resuming and previous else 1,
+        fixed_hash=fixed,
     )
     inputs = {upstream: root / upstream for upstream in stage_inputs(module, recipe)}
     params = {"seed": recipe.seed} | {
@@ -176,34 +209,77 @@ def run_stage(
     }
 
     if tracker is None:
-        result = _execute(module, recipe, workdir, inputs, manifest)
+        result = _execute(name, module, recipe, workdir, inputs, manifest)
+        raise_if_failed(manifest)
     else:
-        with tracker.stage_run(name, params) as run_id:
+        with tracker.stage_run(name, params, tags={"dsv3.output_dir": str(workdir)}) as run_id:
             manifest.mlflow_run_id = run_id
-            result = _execute(module, recipe, workdir, inputs, manifest)
+            result = _execute(name, module, recipe, workdir, inputs, manifest)
             tracker.log_metrics(run_id, manifest.metrics)
             tracker.log_artifact(run_id, workdir / MANIFEST_NAME)
             for artifact in result.artifacts:
                 tracker.log_artifact(run_id, workdir / artifact, artifact_path="plots")
+            tracker.set_tags(run_id, {"dsv3.checks": checks_tag(manifest)})
+            raise_if_failed(manifest)  # inside the run: MLflow marks it FAILED
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
 
 
+def judge_into(name: str, manifest: Manifest, recipe: Recipe) -> None:
+    """Judge the stage's metrics against the recipe's checks and record the verdict in the manifest: completed,
+    or failed with the first failed check's line (with `checks.enforce: false`, completed, failures listed)."""
+    checks = judge(name, manifest.metrics, recipe.checks)
+    failed = [c for c in checks if not c.passed]
+    manifest.checks = [c.to_json() for c in checks]
+    if failed and recipe.checks.enforce:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        line = f"stage {name} failed its health check {failed[0].line()}{more}"
+        manifest.status, manifest.failure = "failed", {"kind": "check", "message": line}
+    else:
+        manifest.status, manifest.failure = "completed", None
+
+
+def settle(name: str, manifest: Manifest, recipe: Recipe, workdir: Path) -> None:
+    """Judge a finished stage again (thresholds may have changed), rewrite its manifest if the verdict did."""
+    before = (manifest.status, manifest.checks, manifest.failure)
+    judge_into(name, manifest, recipe)
+    if (manifest.status, manifest.checks, manifest.failure) != before:
+        write_manifest(workdir, manifest)
+    raise_if_failed(manifest)
+
+
+def raise_if_failed(manifest: Manifest) -> None:
+    if manifest.status == "failed":
+        raise StageFailed(manifest.failure["message"])
+
+
+def checks_tag(manifest: Manifest) -> str:
+    """passed | failed | failed-ignored (checks.enforce false): how the stage's health checks came out."""
+    if not manifest.failed_checks:
+        return "passed"
+    return "failed" if manifest.status == "failed" else "failed-ignored"
+
+
 def _execute(
-    module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
+    name: str, module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
 ) -> StageResult:
+    """Run the stage and write its manifest: running, then completed or failed (judged by its checks)."""
     write_manifest(workdir, manifest)
     try:
         result: StageResult = module.run(recipe, workdir, inputs)
-    except BaseException:
+        manifest.outputs = hash_outputs(workdir, result.outputs)
+    except BaseException as error:
         manifest.status = "failed"
+        manifest.failure = asdict(classify(error, workdir))
         manifest.finished_at = time.time()
-        write_manifest(workdir, manifest)
+        try:
+            write_manifest(workdir, manifest)
+        except OSError:
+            pass  # e.g. a full disk: the manifest on disk still says running, which resumes the same way
         raise
-    manifest.outputs = hash_outputs(workdir, result.outputs)
     manifest.metrics = {k: float(v) for k, v in result.metrics.items()}
     manifest.artifacts = list(result.artifacts)
     manifest.finished_at = time.time()
     manifest.metrics["stage_seconds"] = manifest.finished_at - (manifest.started_at or manifest.finished_at)
-    manifest.status = "completed"
+    judge_into(name, manifest, recipe)
     write_manifest(workdir, manifest)
     return result

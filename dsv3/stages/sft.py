@@ -36,9 +36,10 @@ from dsv3.data.math_tasks import sft_example  # noqa: E402
 from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.model import DSV3ForCausalLM  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
+from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
-    last_checkpoint,
+    resume_checkpoint,
     recipe_problems,
     save_model,
     shared_arguments,
@@ -49,6 +50,11 @@ SECTIONS = ("sft",)
 OUTPUT = "model"
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "sft_loss.png"
+
+
+def data_files(recipe: Recipe) -> list[str]:
+    """The chat files (their content is part of the stage's key)."""
+    return list(recipe.sft.chat_data) if recipe.sft else []
 
 
 def inputs(recipe: Recipe) -> tuple[str, ...]:
@@ -64,7 +70,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     trainer = build_trainer(model, tokenizer, rows, cfg, workdir / CHECKPOINTS, recipe.seed)
     start = ResumeStep()
     trainer.add_callback(start)
-    checkpoint = last_checkpoint(workdir / CHECKPOINTS)
+    checkpoint = resume_checkpoint(workdir / CHECKPOINTS)
     started = time.perf_counter()
     train(trainer, checkpoint)
     train_seconds = time.perf_counter() - started
@@ -94,13 +100,16 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         "heldout_accuracy": scores["accuracy"],
         "heldout_format_rate": scores["format_rate"],
         "heldout_mean_completion_tokens": scores["mean_completion_tokens"],
+        "heldout_truncated_rate": scores["truncated_rate"],
         "eval_seconds": eval_seconds,
+        NONFINITE: count_nonfinite(losses),
     }
     summary = (
         f"SFT on {len(rows)} conversations ({metrics['packed_rows']} packed rows, {cfg.epochs} epochs, "
         f"{metrics['train_steps']} steps) in {train_seconds:.0f}s: loss {losses[0]:.3f} → {losses[-1]:.3f}; "
-        f"held-out greedy accuracy {scores['accuracy']:.1%}, format rate {scores['format_rate']:.1%} "
-        f"on {len(heldout)} problems."
+        f"held-out greedy accuracy {scores['accuracy']:.1%}, format rate {scores['format_rate']:.1%}, "
+        f"{scores['mean_completion_tokens']:.0f} tokens per answer ({scores['truncated_rate']:.0%} at the "
+        f"{cfg.eval_max_new_tokens}-token limit) on {len(heldout)} problems."
     )
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[LOSS_PLOT], summary=summary)
 

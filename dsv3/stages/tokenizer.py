@@ -14,11 +14,16 @@ from dsv3.config import Recipe
 from dsv3.data.chat import CHAT_TEMPLATE
 from dsv3.data.tokenizer import bytes_per_token, save_tokenizer, train_tokenizer, vocab_usage
 from dsv3.stages import StageResult
-from dsv3.stages.corpus import capped_texts, recipe_corpus
+from dsv3.stages.corpus import capped_texts, recipe_corpus, recipe_data_files
 
 SECTIONS = ("data", "tokenizer")
 INPUTS = ()
 OUTPUT = "tokenizer"
+
+
+def data_files(recipe: Recipe) -> list[str]:
+    """Local corpus files (their content is part of the stage's key)."""
+    return recipe_data_files(recipe.data)
 
 
 def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:

@@ -1,0 +1,104 @@
+"""The installed `dsv3` script: the library's commands (dsv3.cli) plus the ones that run flows.
+
+    dsv3 run --recipe recipes/tiny.yaml [--until STAGE] [--set key=value ...] [--runs-dir runs]
+
+`dsv3 run` validates the recipe and the runs folder before anything starts, takes the runs folder's lock (one run
+per folder), starts Prefect's API server in its own session (flows.runtime) and runs the pipeline flow. It exits 0
+when every stage completed, 1 when a stage failed its checks or diverged (one line naming the check and value),
+2 on bad input, 130 on Ctrl-C (the stage records the interruption; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dsv3.cli import add_runs_dir_option, add_set_option, exit_with, runs_folder
+from dsv3.cli import main as dsv3_main
+from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.errors import Failure
+from dsv3.stages import check_data_files
+from dsv3.stages.lock import runs_lock
+
+
+def main(argv: list[str] | None = None) -> None:
+    dsv3_main(argv, add_commands=add_flow_commands)
+
+
+def add_flow_commands(sub) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run the pipeline (Prefect flow) for a recipe",
+        description="Run the recipe's stages in order through the Prefect flow. Finished stages whose recipe "
+        "sections, inputs, code and data are unchanged are skipped; a stage that stopped part-way resumes; a stage "
+        "that fails its health checks stops the run (exit code 1).",
+        epilog="examples:\n  dsv3 run --recipe recipes/tiny.yaml\n"
+        "  dsv3 run --recipe recipes/smoke.yaml --until tokenizer --set tokenizer.vocab_size=1024",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")
+    run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
+    add_set_option(run)
+    add_runs_dir_option(run)
+    run.set_defaults(handler=run_pipeline)
+
+    ablations = sub.add_parser(
+        "ablations",
+        help="run the paired ablation pretrainings and compare them with the papers",
+        description="Run every arm recipe in --recipes (fp8/bf16, loss-free/aux-loss, mtp-on/mtp-off) through the "
+        "stage code, reusing finished arms, and write runs/ablations/ablations.md and .html.",
+        epilog="example:\n  dsv3 ablations --recipes recipes/ablations --runs-dir runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ablations.add_argument("--recipes", default="recipes/ablations", help="folder of arm recipes (recipes/ablations)")
+    add_runs_dir_option(ablations)
+    ablations.set_defaults(handler=run_ablations)
+
+
+@contextmanager
+def orchestrated(runs_dir: Path, command: str) -> Iterator[None]:
+    """The runs folder's lock, then Prefect's API server, for as long as a flow runs."""
+    from flows.runtime import prefect_api
+
+    with runs_lock(runs_dir, command), prefect_api(runs_dir):
+        yield
+
+
+def run_ablations(args: argparse.Namespace) -> None:
+    from flows.ablations import ablations, load_arms
+
+    load_arms(args.recipes)  # bad recipes fail here, before Prefect starts
+    runs_dir = runs_folder(args.runs_dir)
+    with orchestrated(runs_dir, f"dsv3 ablations --recipes {args.recipes}"):
+        state = ablations(recipes_dir=args.recipes, runs_dir=str(runs_dir), return_state=True)
+        outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if state.is_failed():
+        exit_with(Failure(**outcome["failure"]))
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)  # bad input fails here, before Prefect starts
+    from flows.pipeline import stages_to_run
+
+    check_data_files(recipe, stages_to_run(recipe, args.until))
+    runs_dir = runs_folder(args.runs_dir)
+    command = f"dsv3 run --recipe {args.recipe}" + "".join(f" --set {o}" for o in args.overrides)
+    with orchestrated(runs_dir, command):
+        from flows.pipeline import pipeline
+
+        state = pipeline(
+            recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=str(runs_dir), return_state=True
+        )
+        outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if state.is_failed():
+        exit_with(Failure(**outcome["failure"]))
+
+
+if __name__ == "__main__":
+    main()

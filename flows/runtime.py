@@ -1,0 +1,140 @@
+"""Prefect start-up for the flows: its home under the runs folder and an API server that outlives Ctrl-C.
+
+Without PREFECT_API_URL Prefect starts a temporary server in a child process of the same process group, so the
+Ctrl-C meant for the pipeline kills the server first and the flow then spends minutes retrying the connection.
+`prefect_api` starts the same server (uvicorn on Prefect's app factory, UI off, Prefect's ephemeral settings) in
+its own session instead: Ctrl-C reaches only the pipeline, which records the interruption and stops the server
+on its way out; the server also dies with its parent (PR_SET_PDEATHSIG), so a SIGKILLed pipeline leaves no
+server behind. With PREFECT_API_URL set (`make ui`, `make serve`), the flows use that server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Before Prefect reads its settings: its telemetry heartbeat only adds sqlite lock contention.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import httpx  # noqa: E402
+import prefect  # noqa: E402
+from prefect.events.worker import EventsWorker  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings  # noqa: E402
+
+STARTUP_TIMEOUT_S = 180  # a busy 2-core laptop can take over a minute to migrate a fresh database
+SERVER_LOG = "prefect-server.log"
+# Runs in the server's process before it becomes uvicorn: die with the parent (Linux), then exec.
+_LAUNCH = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\nexcept (OSError, AttributeError):\n    pass\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+)
+
+
+def prefect_home(runs_dir: Path) -> Path:
+    """PREFECT_HOME = runs/prefect (set for this process and its children), so `make ui` shows the same runs."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path(runs_dir).resolve() / "prefect")
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(home)
+    return home
+
+
+@contextmanager
+def prefect_api(runs_dir: Path) -> Iterator[str]:
+    """The Prefect API URL the flows report to while the context is open (a server of ours, or PREFECT_API_URL)."""
+    home = prefect_home(runs_dir)
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    port = _free_port()
+    log = open(home / SERVER_LOG, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
+    command = [
+        sys.executable, "-c", _LAUNCH, "-m", "uvicorn",
+        "--app-dir", str(prefect.__module_path__.parent),
+        "--factory", "prefect.server.api.server:create_app",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+    env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    server = subprocess.Popen(
+        command, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_until_healthy(server, url, home / SERVER_LOG)
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+            _quiet_empty_tracebacks()
+            try:
+                yield url
+            finally:
+                _flush_to_server()
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_healthy(server: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with code {server.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the Prefect server did not answer within {STARTUP_TIMEOUT_S} s; see {log}")
+
+
+def _flush_to_server() -> None:
+    """Send the logs and events still queued while the server is up (else they fail at interpreter exit)."""
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 - a lost log line must not hide the pipeline's own outcome
+            pass
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it after 10 s."""
+    if server.poll() is not None:
+        return
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    except ProcessLookupError:
+        pass
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a task that returns a Failed state with exc_info but no exception ("NoneType: None")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+def _quiet_empty_tracebacks() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoEmptyTraceback) for f in logger.filters):
+            logger.addFilter(_NoEmptyTraceback())
