@@ -1,7 +1,10 @@
 """The Prefect flow end to end on the smoke recipe: runs, skips on rerun without rewriting, rebuilds
 a deleted output, and records one parent and one nested MLflow run per stage that ran."""
 
+import os
+import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -61,3 +64,48 @@ def test_until_must_be_a_stage_of_the_recipe():
     assert stages_to_run(recipe, "tokenizer") == ["tokenizer"]
     with pytest.raises(ValueError, match="--until rl: not a stage of recipe smoke"):
         stages_to_run(recipe, "rl")
+
+
+def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir):
+    state = pipeline(
+        recipe_path=SMOKE,
+        overrides=["checks.tokenizer.min_bytes_per_token=10"],
+        until="pretrain",
+        runs_dir=str(runs_dir),
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert state.message.startswith("stage tokenizer failed its health check checks.tokenizer.min_bytes_per_token")
+    assert read_manifest(runs_dir / "smoke" / "tokenizer").status == "failed"
+    assert not (runs_dir / "smoke" / "pretrain").exists()
+    report = (runs_dir / "smoke" / "report.md").read_text()
+    assert "**failed**: stage tokenizer failed its health check" in report
+    assert 'class="bad"' in (runs_dir / "smoke" / "report.html").read_text()
+    parents, nested = _runs(runs_dir)
+    assert parents[0].info.status == "FAILED" and nested[0].info.status == "FAILED"
+    assert nested[0].data.tags["dsv3.checks"] == "failed"
+
+
+def test_nothing_under_runs_is_unpickled(runs_dir, tmp_path, monkeypatch):
+    """Prefect persists no results (nothing for it to unpickle); a pickle planted where results or checkpoints
+    would be is never executed: the rerun skips or refuses it, and the marker file stays absent."""
+    pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir))
+    home = Path(os.environ["PREFECT_HOME"])
+    assert not (home / "storage").exists() or not any((home / "storage").rglob("*"))
+    marker = tmp_path / "pwned"
+    bomb = pickle.dumps(_Bomb(str(marker)))
+    planted = [home / "storage" / "result", runs_dir / "smoke" / "tokenizer" / "result.pickle"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bomb)
+    second = pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir))
+    assert [r["action"] for r in second] == ["skipped"]
+    assert not marker.exists()
+
+
+class _Bomb:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

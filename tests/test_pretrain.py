@@ -107,3 +107,37 @@ def test_recipe_without_pretrain_section_is_refused(runs_dir):
     run_stage("tokenizer", recipe, runs_dir)
     with pytest.raises(ValueError, match="pretrain"):
         run_stage("pretrain", recipe, runs_dir)
+
+
+class _Bomb:
+    """Unpickling this writes a file: proof that a checkpoint was unpickled with code execution."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_resumes(tmp_path, capsys):
+    import pickle
+
+    import torch
+
+    from dsv3.stages.lightning_module import resume_point
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"global_step": 8}, checkpoints / "last.ckpt")
+    torch.save({"global_step": 4}, checkpoints / "previous.ckpt")
+    assert resume_point(checkpoints) == (checkpoints / "last.ckpt", 8)
+
+    (checkpoints / "last.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes()[:100])  # truncated
+    assert resume_point(checkpoints) == (checkpoints / "previous.ckpt", 4)
+    assert "is unreadable" in capsys.readouterr().err
+    marker = tmp_path / "pwned"
+    (checkpoints / "previous.ckpt").write_bytes(pickle.dumps(_Bomb(str(marker))))  # tampered
+    assert resume_point(checkpoints) == (None, 0)
+    assert not marker.exists()
+    aside = sorted(p.name.split(".corrupt-")[0] for p in checkpoints.glob("*.corrupt-*"))
+    assert aside == ["last.ckpt", "previous.ckpt"]  # set aside, never deleted

@@ -1,6 +1,7 @@
 """The stage contract: skip when the manifest matches, rerun when outputs are missing or corrupt,
 rerun when the recipe changes, resume a stage killed part-way from its own checkpoint."""
 
+import errno
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import types
 import pytest
 
 from dsv3.config import load_recipe
+from dsv3.errors import StageFailed, TrainingDiverged
 from dsv3.stages import StageResult, get_stage
 from dsv3.stages import runner as runner_module
 from dsv3.stages.manifest import MANIFEST_NAME, read_manifest
@@ -37,6 +39,9 @@ COUNTING_STAGE = textwrap.dedent(
         while state["step"] < 10:
             state["step"] += 1
             state["total"] += state["step"] * recipe.data.seq_len
+            if state["step"] == int(os.environ.get("DIVERGE_AT_STEP", "0")):
+                from dsv3.errors import TrainingDiverged
+                raise TrainingDiverged(f"training diverged at step {state['step']}")
             ckpt.write_text(json.dumps(state))
             if state["step"] == int(os.environ.get("DIE_AT_STEP", "0")):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -168,3 +173,88 @@ def test_stage_code_covers_the_library_it_uses():
     assert not any(n.startswith("model/") for n in names(tokenizer))
     assert {"stages/pretrain.py", "model/moe.py", "model/mtp.py", "stages/schedules.py"} <= names(pretrain)
     assert "stages/tokenizer.py" not in names(pretrain) and "stages/runner.py" not in names(pretrain)
+
+
+# ------------------------------------------------------------------------------------ health checks, data, divergence
+
+
+def test_failed_check_fails_the_stage_keeps_outputs_and_is_rejudged_not_rerun(stage, runs_dir, monkeypatch):
+    """The counting stage stands in for the tokenizer; its bytes per token is below the recipe's threshold."""
+    real_run = stage.run
+    monkeypatch.setattr(
+        stage, "run", lambda *a: (r := real_run(*a), r.metrics.update(bytes_per_token_validation=1.0), r)[-1]
+    )
+    recipe = load_recipe(RECIPES / "smoke.yaml", ["checks.tokenizer.min_bytes_per_token=1.5"])
+    with pytest.raises(StageFailed, match=r"stage tokenizer failed its health check checks.tokenizer.min_bytes_per_token: measured 1, needs ≥ 1.5"):
+        run_stage("tokenizer", recipe, runs_dir)
+    workdir = runs_dir / "smoke" / "tokenizer"
+    manifest = read_manifest(workdir)
+    assert manifest.status == "failed" and manifest.failure["kind"] == "check"
+    assert (workdir / "result.txt").is_file() and manifest.outputs  # kept for inspection
+    downstream = types.SimpleNamespace(SECTIONS=("model",), INPUTS=("tokenizer",))
+    monkeypatch.setattr(runner_module, "get_stage", lambda name: downstream if name == "pretrain" else stage)
+    with pytest.raises(StageInputError, match="needs the output of tokenizer"):  # nothing after it runs
+        runner_module.stage_key("pretrain", recipe, runs_dir / "smoke")
+
+    with pytest.raises(StageFailed):  # same recipe: the same verdict, without training again
+        run_stage("tokenizer", recipe, runs_dir)
+    relaxed = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["checks.tokenizer.min_bytes_per_token=0.9"]), runs_dir)
+    assert relaxed.action == "rejudged" and relaxed.manifest.status == "completed"
+    assert len(stage.CALLS) == 1
+
+    ignored = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["checks.enforce=false"]), runs_dir)
+    assert ignored.manifest.status == "completed"
+    assert [c["name"] for c in ignored.manifest.failed_checks] == ["checks.tokenizer.min_bytes_per_token"]
+    assert len(stage.CALLS) == 1
+
+
+def test_editing_a_data_file_reruns_the_stage(stage, runs_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text")
+    stage.data_files = lambda recipe: [str(corpus)]
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+    assert run_stage("tokenizer", recipe, runs_dir).action == "skipped"
+    corpus.write_text("some other text")
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+    assert len(stage.CALLS) == 2
+
+
+def test_a_diverged_stage_resumes_after_a_fix_to_its_tunable_section(stage, runs_dir, monkeypatch):
+    """Divergence at step 6 after checkpointing each step; a changed model section (here: tunable) resumes from
+    the checkpoint, a changed data section (not tunable) starts over."""
+    stage.SECTIONS, stage.TUNABLE = ("data", "model"), ("model",)
+    real_run = stage.run
+
+    def diverging(recipe, workdir, inputs):
+        if recipe.model.hidden_size == 32:
+            monkeypatch.setenv("DIVERGE_AT_STEP", "6")
+        else:
+            monkeypatch.delenv("DIVERGE_AT_STEP", raising=False)
+        return real_run(recipe, workdir, inputs)
+
+    monkeypatch.setattr(stage, "run", diverging)
+    with pytest.raises(TrainingDiverged, match="step 6"):
+        run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs_dir)
+    assert read_manifest(runs_dir / "smoke" / "tokenizer").failure["kind"] == "diverged"
+    fixed = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["model.hidden_size=48"]), runs_dir)
+    assert fixed.action == "resumed" and fixed.manifest.metrics["resumed_at"] == 5
+
+    with pytest.raises(TrainingDiverged):
+        run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["name=other"]), runs_dir)
+    fresh = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["name=other", "data.seq_len=32", "model.hidden_size=48"]), runs_dir)
+    assert fresh.action == "ran" and fresh.manifest.metrics["resumed_at"] == 0
+
+
+def test_interrupt_and_full_disk_are_recorded_and_resume(stage, runs_dir, monkeypatch):
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    real_run = stage.run
+    for error, kind in ((KeyboardInterrupt(), "interrupted"), (OSError(errno.ENOSPC, "No space left on device"), "disk")):
+        monkeypatch.setattr(stage, "run", lambda *a, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(type(error)):
+            run_stage("tokenizer", recipe, runs_dir)
+        manifest = read_manifest(runs_dir / "smoke" / "tokenizer")
+        assert manifest.status == "failed" and manifest.failure["kind"] == kind
+    monkeypatch.setattr(stage, "run", real_run)
+    resumed = run_stage("tokenizer", recipe, runs_dir)
+    assert resumed.action == "resumed" and resumed.manifest.attempts == 3

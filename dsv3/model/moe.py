@@ -177,8 +177,10 @@ class MoE(nn.Module):
         order = expert_of.argsort(stable=True)
         token_of = order // K  # the token of each sorted entry
         counts = torch.bincount(expert_of, minlength=self.n_experts)
-        y = self.experts(flat[token_of], counts)  # (N·K, C) sorted by expert
-        y = (y * weights.reshape(-1, 1)[order]).to(x.dtype)
+        # index_select, not flat[token_of]: the backward of advanced indexing (index_put_ with accumulate) sums in
+        # a thread-dependent order on CPU, index_select's (index_add_) does not: same seed, same numbers.
+        y = self.experts(flat.index_select(0, token_of), counts)  # (N·K, C) sorted by expert
+        y = (y * weights.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)
         routed = torch.zeros_like(flat).index_add_(0, token_of, y)
         valid = None if token_mask is None else token_mask.reshape(-1, 1).expand(-1, K).reshape(-1)
         self.gate.expert_load = torch.bincount(

@@ -46,8 +46,8 @@ from dsv3.stages import StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
-    resume_checkpoint,
     recipe_problems,
+    resume_checkpoint,
     save_model,
     shared_arguments,
     train,

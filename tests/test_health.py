@@ -1,0 +1,52 @@
+"""dsv3/stages/health.py: each stage's checks judged from its metrics against the recipe's thresholds."""
+
+import math
+
+from dsv3.config import load_recipe
+from dsv3.stages.health import count_nonfinite, judge
+from tests.conftest import RECIPES
+
+TINY = load_recipe(RECIPES / "tiny.yaml")
+
+
+def verdicts(stage, metrics, checks=TINY.checks):
+    return {c.name: c.passed for c in judge(stage, metrics, checks)}
+
+
+def test_pretrain_must_beat_the_unigram_baseline():
+    assert verdicts("pretrain", {"final_val_loss": 5.3, "unigram_val_loss": 6.5}) == {
+        "pretrain.nonfinite_losses": True,
+        "checks.pretrain.max_val_loss_ratio": True,
+    }
+    assert not verdicts("pretrain", {"final_val_loss": 6.6, "unigram_val_loss": 6.5})["checks.pretrain.max_val_loss_ratio"]
+    (nan,) = [c for c in judge("pretrain", {"final_val_loss": math.nan, "unigram_val_loss": 6.5}, TINY.checks) if "ratio" in c.name]
+    assert not nan.passed  # NaN compares false both ways: it must fail, not pass
+
+
+def test_sft_format_and_truncation_bounds_and_the_failure_line():
+    good = {"heldout_format_rate": 1.0, "heldout_truncated_rate": 0.0}
+    assert all(verdicts("sft", good).values())
+    broken = judge("sft", {"heldout_format_rate": 0.0, "heldout_truncated_rate": 1.0}, TINY.checks)
+    assert [c.line() for c in broken if not c.passed] == [
+        "checks.sft.min_format_rate: measured 0, needs ≥ 0.5",
+        "checks.sft.max_truncated_rate: measured 1, needs ≤ 0.5",
+    ]
+
+
+def test_thresholds_come_from_the_recipe():
+    relaxed = load_recipe(RECIPES / "tiny.yaml", ["checks.sft.min_format_rate=0.0"]).checks
+    assert verdicts("sft", {"heldout_format_rate": 0.0}, relaxed)["checks.sft.min_format_rate"]
+
+
+def test_nonfinite_losses_fail_every_stage_and_missing_metrics_are_left_out():
+    for stage in ("tokenizer", "pretrain", "extend", "sft", "reward", "rl"):
+        assert verdicts(stage, {"nonfinite_losses": 2.0}) == {f"{stage}.nonfinite_losses": False}
+    assert count_nonfinite([1.0, math.nan, math.inf, -math.inf, 0.0]) == 3
+
+
+def test_each_stage_checks_its_own_metric():
+    assert not verdicts("tokenizer", {"bytes_per_token_validation": 1.1})["checks.tokenizer.min_bytes_per_token"]
+    assert not verdicts("extend", {"ppl_change_at_original_length": 0.3})["checks.extend.max_ppl_increase"]
+    assert not verdicts("reward", {"heldout_pair_accuracy": 0.5})["checks.reward.min_pair_accuracy"]
+    assert not verdicts("rl", {"rollout_truncated_rate": 1.0})["checks.rl.max_truncated_rate"]
+    assert verdicts("rl", {"rollout_truncated_rate": 0.2})["checks.rl.max_truncated_rate"]

@@ -1,0 +1,47 @@
+"""dsv3/stages/lock.py: one run per runs folder; the second is refused naming the holder; a killed holder's lock
+is recovered at once."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsv3.errors import InputError
+from dsv3.stages.lock import runs_lock
+from tests.conftest import REPO
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from dsv3.stages.lock import runs_lock
+with runs_lock(Path(sys.argv[1]), "dsv3 run --recipe recipes/tiny.yaml"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_run_is_refused_and_a_killed_holder_is_recovered(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(InputError, match=rf"is in use by pid {holder.pid} .*recipes/tiny.yaml"):
+        with runs_lock(tmp_path, "dsv3 run --recipe recipes/smoke.yaml"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with runs_lock(tmp_path, "second"):
+        assert time.monotonic() - started < 1
+
+
+def test_the_lock_is_released_on_exit_and_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with runs_lock(tmp_path, "first"):
+            raise RuntimeError("stage crashed")
+    with runs_lock(tmp_path, "second"):
+        pass
