@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from dsv3.config import load_recipe
-from dsv3.errors import Failure, Interrupted, StageFailed, classify
+from dsv3.errors import Failure, Interrupted, classify
 
 DEBUG = "DSV3_DEBUG"
 
@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None, add_commands: Callable | None = None) ->
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         args.handler(args)
-    except (KeyboardInterrupt, StageFailed, ValueError, OSError) as error:
+    except SystemExit:
+        raise
+    except BaseException as error:
         failure = classify(error)
         if os.environ.get(DEBUG) or failure.kind == "crash":
             raise
-        exit_with(failure, 143 if isinstance(error, Interrupted) else None)
+        exit_with(failure, 143 if isinstance(error, Interrupted) or type(error).__name__ == "TerminationSignal" else None)
 
 
 def exit_with(failure: Failure, code: int | None = None) -> None:

@@ -9,6 +9,7 @@ type or an out-of-range value raises `RecipeError` with one line naming the dott
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from dsv3.model import DSV3Config
 
 STAGE_ORDER = ("tokenizer", "pretrain", "extend", "sft", "reward", "rl")
 
@@ -66,67 +69,46 @@ class TokenizerSection(Section):
     max_training_bytes: int | None = Field(None, gt=0, description="train on at most this many bytes")
 
 
-class RopeScalingSection(Section):
-    """YaRN (arXiv 2309.00071) as transformers' `rope_scaling` with rope_type yarn."""
-
-    rope_type: Literal["yarn"] = "yarn"
-    factor: float = Field(gt=1)
-    original_max_position_embeddings: int = Field(gt=0)
-    beta_fast: float = Field(32.0, gt=0)
-    beta_slow: float = Field(1.0, gt=0)
-    mscale: float = Field(1.0, ge=0)
-    mscale_all_dim: float = Field(1.0, ge=0)
-
-
-class ModelSection(Section):
-    """The network; field names as transformers' DeepseekV3Config (PAPER.md, "Model")."""
-
-    vocab_size: int | None = Field(None, gt=0, description="null = the tokenizer's vocabulary size")
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0, description="width of the dense FFN layers")
-    moe_intermediate_size: int = Field(gt=0, description="width of each expert")
-    num_hidden_layers: int = Field(gt=0)
-    first_k_dense_replace: int = Field(ge=0)
-    num_attention_heads: int = Field(gt=0)
-    q_lora_rank: int | None = Field(None, gt=0, description="null = no query compression")
-    kv_lora_rank: int = Field(gt=0)
-    qk_nope_head_dim: int = Field(gt=0)
-    qk_rope_head_dim: int = Field(gt=0)
-    v_head_dim: int = Field(gt=0)
-    n_routed_experts: int = Field(gt=0)
-    n_shared_experts: int = Field(ge=0)
-    num_experts_per_tok: int = Field(gt=0)
-    n_group: int = Field(1, gt=0)
-    topk_group: int = Field(1, gt=0)
-    routed_scaling_factor: float = Field(1.0, gt=0)
-    norm_topk_prob: bool = True
-    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
-    aux_loss_alpha: float = Field(1e-4, ge=0, description="weight of the sequence-wise balance loss")
-    num_nextn_predict_layers: int = Field(1, ge=0, description="MTP depth D")
-    max_position_embeddings: int = Field(gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    rope_scaling: RopeScalingSection | None = None
-    rms_norm_eps: float = Field(1e-6, gt=0)
-    initializer_range: float = Field(0.006, gt=0)
-    tie_word_embeddings: bool = False
+class _ModelSectionBase(Section):
+    """The network (PAPER.md, "Model"): the fields of DSV3Config (dsv3.model), named as transformers'
+    DeepseekV3Config; defaults are the 671B model's. Validated by building the DSV3Config itself, so the fields and
+    their checks live in one place. `vocab_size: null` = the tokenizer's; `rope_theta` is plain RoPE's base (YaRN is
+    the extend stage's: see the extend section)."""
 
     @model_validator(mode="after")
-    def _routing_is_consistent(self) -> ModelSection:
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            raise ValueError("model.first_k_dense_replace: must be at most model.num_hidden_layers")
-        if self.n_routed_experts % self.n_group:
-            raise ValueError("model.n_group: must divide model.n_routed_experts")
-        if self.topk_group > self.n_group:
-            raise ValueError("model.topk_group: must be at most model.n_group")
-        per_group = self.n_routed_experts // self.n_group
-        if self.num_experts_per_tok > self.topk_group * per_group:
-            raise ValueError(
-                "model.num_experts_per_tok: must be at most topk_group × experts per group "
-                f"({self.topk_group * per_group})"
-            )
-        if self.qk_rope_head_dim % 2:
-            raise ValueError("model.qk_rope_head_dim: must be even (RoPE rotates pairs)")
+    def _builds_a_config(self):
+        try:
+            self.config(vocab_size=self.vocab_size or 1, bos_token_id=None, eos_token_id=None)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model.{str(err).splitlines()[0]}") from None
         return self
+
+    def config(self, vocab_size: int, **token_ids) -> DSV3Config:
+        """The DSV3Config of this section, with the tokenizer's vocabulary size and special token ids."""
+        fields = self.model_dump()
+        theta = fields.pop("rope_theta")
+        fields["vocab_size"] = vocab_size
+        return DSV3Config(**fields, rope_parameters={"rope_type": "default", "rope_theta": theta}, **token_ids)
+
+
+# Fields of DSV3Config a recipe does not set: the tokenizer sets the token ids, rope_theta sets rope_parameters, and
+# MLA / SwiGLU / the cache leave no choice.
+_MODEL_FIELDS_FROM_ELSEWHERE = {
+    "num_key_value_heads", "hidden_act", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "rope_parameters",
+}  # fmt: skip
+
+ModelSection = create_model(
+    "ModelSection",
+    __base__=_ModelSectionBase,
+    __doc__=_ModelSectionBase.__doc__,
+    vocab_size=(int | None, Field(None, description="null = the tokenizer's vocabulary size")),
+    rope_theta=(float, Field(10000.0, gt=0, description="RoPE base")),
+    **{
+        f.name: (f.type, f.default)
+        for f in dataclasses.fields(DSV3Config)
+        if f.name in DSV3Config.__annotations__ and f.name not in _MODEL_FIELDS_FROM_ELSEWHERE | {"vocab_size"}
+    },
+)
 
 
 class PretrainSection(Section):
@@ -158,12 +140,12 @@ class PretrainSection(Section):
     mtp_lambda_after: float = Field(0.1, ge=0, description="MTP weight λ after the switch")
     mtp_lambda_switch_fraction: float = Field(0.676, ge=0, le=1, description="λ switch (10T of 14.8T)")
     balancing: Literal["loss_free", "aux_loss"] = Field(
-        "loss_free", description="loss_free: router-bias updates; aux_loss: the classic auxiliary-loss baseline"
+        "loss_free",
+        description="loss_free: router-bias updates; aux_loss: no bias updates, balance through α = model.aux_loss_alpha",
     )
     bias_update_speed: float = Field(0.001, ge=0, description="bias update speed γ before the switch")
     bias_update_speed_after: float = Field(0.0, ge=0, description="γ after the switch")
     bias_update_switch_fraction: float = Field(0.966, ge=0, le=1, description="γ switch (14.3T of 14.8T)")
-    aux_alpha: float = Field(1e-3, ge=0, description="balance-loss α of the aux_loss baseline (no bias updates)")
     document_masking: bool = Field(False, description="block-diagonal attention per packed document (paper: off)")
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "fp8-blockwise"] = Field(
         "32-true", description="fp8-blockwise: FP8 GEMMs in the blocks' linear layers, BF16 autocast elsewhere"
@@ -173,6 +155,9 @@ class PretrainSection(Section):
     )
     optimizer_states_bf16: bool = Field(False, description="AdamW moments stored in BF16 (the paper's choice)")
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    deterministic: bool = Field(
+        True, description="torch.use_deterministic_algorithms: the same seed and threads give bit-identical runs"
+    )
     devices: int = Field(1, ge=1, description="processes per node; > 1 launches torchrun")
     num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
     val_every_n_steps: int = Field(100, gt=0, description="validation (and best checkpoint) interval")
@@ -474,7 +459,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw)
 
 
+# Settings that had two homes and now have one: an old recipe that sets the removed one is told where it went.
+MOVED = {
+    ("model", "rope_scaling"): "YaRN is set by the extend section (extend.factor, beta_fast, beta_slow, mscale, "
+    "mscale_all_dim) when the extend stage switches the pretrained model to it",
+    ("pretrain", "aux_alpha"): "set model.aux_loss_alpha instead (the α of the balance loss; the aux_loss baseline "
+    "uses 1e-3, see recipes/ablations/aux-loss.yaml)",
+}
+
+
 def validate_recipe(raw: dict[str, Any]) -> Recipe:
+    for (section, key), where in MOVED.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise RecipeError(f"{section}.{key}: moved — {where}")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:

@@ -68,7 +68,7 @@ def first_line(error: BaseException) -> str:
 
 def classify(error: BaseException, folder: Path | str | None = None) -> Failure:
     """The Failure an exception stands for; `folder` is where the stage was writing (named for a full disk)."""
-    if isinstance(error, KeyboardInterrupt):
+    if isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TerminationSignal":  # Prefect's SIGTERM
         return Failure("interrupted", "interrupted — rerun the same command to resume")
     if disk_full(error):
         where = getattr(error, "filename", None) or folder or "the runs folder"

@@ -2,7 +2,7 @@
 
     dsv3 ablations [--recipes recipes/ablations] [--runs-dir runs]        (what `make ablations` runs)
 
-Every `<stem>.yaml` in the recipes folder is one arm of an ablation of dsv3.eval.ablations.ABLATIONS (fp8 / bf16,
+Every `<stem>.yaml` in the recipes folder is one arm of an ablation of dsv3.ablation_report.ABLATIONS (fp8 / bf16,
 loss-free / aux-loss, mtp-on / mtp-off); the two arms of a pair must differ in exactly the ablation's switch. Each
 arm runs its recipe's stages through the manifest runner inside Prefect tasks with the pipeline's manifest-keyed
 cache, so a rerun reuses finished runs. Before a stage runs, a finished stage of an earlier arm with the same key
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +29,25 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-import dsv3.eval.ablations as ablation_eval
-from dsv3.config import Recipe, flatten, load_recipe
-from dsv3.errors import StageFailed
-from dsv3.eval.ablations import (
+import dsv3.eval.acceptance as acceptance
+from dsv3.ablation_report import (
     ABLATIONS,
     ARMS,
     Ablation,
     ArmRun,
-    acceptance_prompts,
     check_pair,
     comparison_markdown,
-    mtp_acceptance,
     plot_pair,
 )
-from dsv3.infer import speculative
+from dsv3.config import Recipe, flatten, load_recipe
+from dsv3.data.corpus import recipe_corpus
+from dsv3.errors import StageFailed
 from dsv3.infer.generate import load_checkpoint
 from dsv3.io import write_json_atomic
 from dsv3.report import markdown_to_html
 from dsv3.stages import pretrain
-from dsv3.stages.corpus import recipe_corpus
-from dsv3.stages.manifest import is_trusted, read_manifest
-from dsv3.stages.runner import StageInputError, code_version, run_root, stage_key
+from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runner import adopt_finished_stage, code_version, run_root, stage_code_hash
 from dsv3.tracking import PARENT_TAG, Tracker
 from flows.pipeline import retry_crashes_only, run_and_publish
 
@@ -81,10 +76,8 @@ def acceptance_key(recipe: Recipe, runs_dir: str, settings: tuple[int, int, int]
     manifest = read_manifest(run_root(runs_dir, recipe) / "pretrain")
     if manifest is None or manifest.status != "completed":
         return None
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (ablation_eval, speculative)))
-    return hashlib.sha256(
-        f"{manifest.output_hash}-{recipe.section_hash('data')}-{settings}-{code.hexdigest()}".encode()
-    ).hexdigest()
+    code = stage_code_hash(acceptance)
+    return hashlib.sha256(f"{manifest.output_hash}-{recipe.section_hash('data')}-{settings}-{code}".encode()).hexdigest()
 
 
 @task(persist_result=False, cache_policy=NO_CACHE)
@@ -100,7 +93,7 @@ def acceptance_task(
         return float(json.loads(cached.read_text())["acceptance_rate"])
     model, tokenizer = load_checkpoint(run_root(runs_dir, parsed) / "pretrain" / pretrain.OUTPUT)
     texts = recipe_corpus(parsed.data)["validation"]["text"]
-    rate = mtp_acceptance(model, acceptance_prompts(tokenizer, texts, prompts, prompt_tokens), new_tokens)
+    rate = acceptance.mtp_acceptance(model, acceptance.acceptance_prompts(tokenizer, texts, prompts, prompt_tokens), new_tokens)
     if key:
         cached.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cached, {"acceptance_rate": rate, "arm": parsed.name})
@@ -209,28 +202,6 @@ def run_arm(
             metrics["mtp_acceptance_rate"] = run.acceptance
         tracker.log_metrics(arm_run_id, metrics)
     return run
-
-
-def adopt_finished_stage(stage: str, recipe: Recipe, runs_dir: str, donors: list[Recipe]) -> str | None:
-    """Copy a donor arm's finished `stage` into this arm's folder when the runner would trust it under this arm's
-    key (equal recipe sections, inputs and code); returns the donor's name, or None when nothing was copied."""
-    root = run_root(runs_dir, recipe)
-    try:
-        key = stage_key(stage, recipe, root)
-    except StageInputError:
-        return None  # the runner reports the missing input
-    if is_trusted(read_manifest(root / stage), key, root / stage):
-        return None
-    for donor in donors:
-        source = run_root(runs_dir, donor) / stage
-        if donor.name != recipe.name and is_trusted(read_manifest(source), key, source):
-            partial = root / f".{stage}.adopting"
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(source, partial)
-            shutil.rmtree(root / stage, ignore_errors=True)
-            os.replace(partial, root / stage)
-            return donor.name
-    return None
 
 
 def arm_run(recipe: Recipe, runs_dir: str, switch: str) -> ArmRun | None:

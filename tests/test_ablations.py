@@ -9,8 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dsv3.config import RecipeError, flatten, load_recipe
-from dsv3.eval.ablations import (
+from dsv3.ablation_report import (
     ABLATIONS,
     ARMS,
     CLAIMS,
@@ -21,6 +20,7 @@ from dsv3.eval.ablations import (
     recipe_differences,
     relative_gap,
 )
+from dsv3.config import RecipeError, flatten, load_recipe
 from dsv3.stages.manifest import read_manifest
 from dsv3.tracking import tracking_uri
 from flows.ablations import EXPERIMENT, ablations, load_arms
@@ -45,14 +45,15 @@ def test_pair_differs_in_its_switch_only(ablation):
         if ablation.name == "fp8" and "pretrain.precision" in str(err):
             pytest.skip(f"the schema does not accept FP8 yet: {err}")
         raise
-    assert set(recipe_differences(arm, baseline)) == {ablation.switch}
+    assert ablation.switch in recipe_differences(arm, baseline)
+    assert set(recipe_differences(arm, baseline)) <= {ablation.switch, *ablation.also}
     assert arm["name"] != baseline["name"]
     tiny = flatten(load_recipe(RECIPES / "tiny.yaml"))
     for flat in (
         arm,
         baseline,
     ):  # overlays of tiny: its seed and data, only the stages and the switch changed
-        assert set(recipe_differences(flat, tiny)) <= {"pipeline.stages", ablation.switch}
+        assert set(recipe_differences(flat, tiny)) <= {"pipeline.stages", ablation.switch, *ablation.also}
         assert flat["pipeline.stages"] == ["tokenizer", "pretrain"]
     check_pair(ablation, arm, baseline)
 

@@ -50,12 +50,14 @@ def test_overlay_file(tmp_path):
     [
         ("model.foo=1", "model.foo: unknown key (allowed: "),
         ("bogus=1", "bogus: unknown key (allowed: checks, data, "),
-        ("model.hidden_size=-1", "model.hidden_size: Input should be greater than 0 (got -1)"),
+        ("model.hidden_size=-1", "model.hidden_size: must be > 0 (got -1)"),
         ("data.seq_len=abc", "data.seq_len: Input should be a valid integer"),
         ("data.fim_rate=1.5", "data.fim_rate: Input should be less than or equal to 1"),
-        ("model.topk_group=5", "model.topk_group: must be at most model.n_group"),
-        ("model.n_group=3", "model.n_group: must divide model.n_routed_experts"),
-        ("model.scoring_func=relu", "model.scoring_func: Input should be 'sigmoid' or 'softmax'"),
+        ("model.topk_group=5", "model.topk_group: must be between 1 and n_group (2), got 5"),
+        ("model.n_group=3", "model.n_group: must divide n_routed_experts (8), got 3"),
+        ("model.scoring_func=relu", "model.scoring_func: 'relu' is not supported; use 'sigmoid' or 'softmax'"),
+        ("model.rope_scaling={factor: 4}", "model.rope_scaling: moved — YaRN is set by the extend section"),
+        ("pretrain.aux_alpha=1e-3", "pretrain.aux_alpha: moved — set model.aux_loss_alpha instead"),
         ("data.source=local", "data.paths: source=local needs at least one file or folder"),
         ("pipeline.stages=[pretrain,tokenizer]", "pipeline.stages: must be distinct and in the order"),
         ("name=a b", "name: String should match pattern"),
@@ -92,7 +94,7 @@ def test_cli_exit_code_two_and_no_traceback():
         [
             sys.executable,
             "-m",
-            "dsv3.cli",
+            "flows.cli",
             "recipe",
             str(RECIPES / "smoke.yaml"),
             "--set",
@@ -103,7 +105,7 @@ def test_cli_exit_code_two_and_no_traceback():
         cwd=REPO,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "dsv3: error: model.hidden_size: Input should be greater than 0 (got 0)"
+    assert proc.stderr.strip() == "dsv3: error: model.hidden_size: must be > 0 (got 0)"
     assert "Traceback" not in proc.stderr
 
 

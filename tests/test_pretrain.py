@@ -124,7 +124,7 @@ def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_resumes(tmp_p
 
     import torch
 
-    from dsv3.stages.lightning_module import resume_point
+    from dsv3.train.checkpoints import resume_point
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
@@ -141,3 +141,31 @@ def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_resumes(tmp_p
     assert not marker.exists()
     aside = sorted(p.name.split(".corrupt-")[0] for p in checkpoints.glob("*.corrupt-*"))
     assert aside == ["last.ckpt", "previous.ckpt"]  # set aside, never deleted
+
+
+@pytest.mark.slow
+def test_a_nan_learning_rate_stops_training_keeps_the_last_checkpoint_and_a_rerun_resumes(runs_dir, monkeypatch):
+    """LR NaN from step 7 on (checkpoints every 4 steps): the stage fails with the step, the cause and the LR, the
+    weights of step 4's checkpoint stay finite, and the fixed rerun resumes from step 4 and completes."""
+    import torch
+
+    import dsv3.train.module as module
+    from dsv3.errors import TrainingDiverged
+
+    recipe = smoke("smoke-nan")
+    run_stage("tokenizer", recipe, runs_dir)
+    real = module.learning_rate
+    monkeypatch.setattr(module, "learning_rate", lambda tokens, total, s: float("nan") if tokens >= 6 * 8 * 64 else real(tokens, total, s))
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 7: the learning rate is nan \(learning rate nan\)"):
+        run_stage("pretrain", recipe, runs_dir)
+    workdir = runs_dir / "smoke-nan" / "pretrain"
+    manifest = read_manifest(workdir)
+    assert manifest.status == "failed" and manifest.failure["kind"] == "diverged"
+    checkpoint = torch.load(workdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+    monkeypatch.setattr(module, "learning_rate", real)
+    resumed = run_stage("pretrain", recipe, runs_dir)
+    assert resumed.action == "resumed" and resumed.manifest.metrics["resumed_from_step"] == 4
+    assert resumed.manifest.status == "completed"

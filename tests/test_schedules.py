@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from dsv3.config import PretrainSection, RecipeError, validate_recipe
-from dsv3.stages.schedules import (
+from dsv3.config import ExtendPhase, ExtendSection, PretrainSection, RecipeError, validate_recipe
+from dsv3.train.schedules import (
     accumulation_steps,
     bias_update_speed,
     global_batch_size,
@@ -13,18 +13,19 @@ from dsv3.stages.schedules import (
     mtp_weight,
     step_plan,
 )
+from dsv3.train.settings import LoopSettings
 
 TOTAL = 1000
 
 
-def paper(**changes) -> PretrainSection:
+def paper(**changes) -> LoopSettings:
     """The paper's shape in round fractions: warm-up to 0.1, constant to 0.5, cosine to 0.9, tail from 0.95."""
     fields = dict(
         tokens=TOTAL, lr_peak=2e-4, lr_warmup_fraction=0.1, lr_decay_start_fraction=0.5,
         lr_decay_end_fraction=0.9, lr_final=2e-5, lr_tail_start_fraction=0.95, lr_tail=5e-6,
         mtp_lambda_switch_fraction=0.6, bias_update_switch_fraction=0.8,
     )
-    return PretrainSection(**(fields | changes))
+    return LoopSettings.from_pretrain(PretrainSection(**(fields | changes)))
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_step_plan_covers_the_tokens_and_counts_offsets():
     assert plan.batch_sizes[0] == 4 and plan.batch_sizes[-1] == 8
     assert plan.total_tokens >= 10_000 > plan.tokens_before(plan.steps - 1)
     assert plan.tokens_before(3) == sum(plan.batch_sizes[:3]) * 16
-    fixed = step_plan(PretrainSection(steps=5, global_batch_size=8, micro_batch_size=4), seq_len=16)
+    fixed = step_plan(LoopSettings.from_pretrain(PretrainSection(steps=5, global_batch_size=8, micro_batch_size=4)), seq_len=16)
     assert fixed.batch_sizes == (8,) * 5 and fixed.total_tokens == 5 * 8 * 16
 
 
@@ -91,3 +92,13 @@ def test_step_plan_covers_the_tokens_and_counts_offsets():
 def test_bad_sections_are_one_line_errors(section, message):
     with pytest.raises(RecipeError, match=message):
         validate_recipe({"name": "x", "pretrain": section})
+
+
+def test_an_extension_phase_is_the_loop_with_a_constant_lr_after_its_warm_up():
+    ext = ExtendSection(phases=[ExtendPhase(seq_len=64, tokens=1000, global_batch_size=4)], lr=1e-4, lr_warmup_steps=2)
+    settings = LoopSettings.for_extension(PretrainSection(tokens=TOTAL, lr_peak=3e-3), ext, ext.phases[0])
+    assert settings.steps == 4 and settings.tokens is None  # ceil(1000 / (4 × 64))
+    plan = step_plan(settings, seq_len=64)
+    lrs = [learning_rate(plan.tokens_before(s), plan.total_tokens, settings) for s in range(plan.steps)]
+    assert lrs == [0.0, 5e-5, 1e-4, 1e-4]
+    assert settings.devices == 1 and settings.balancing == "loss_free" and settings.weight_decay == 0.1

@@ -21,6 +21,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOS = "<|bos|>"
@@ -264,3 +265,13 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     definition = json.loads(tokenizer.to_str())
     relevant = {key: definition[key] for key in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) UTF-8 bytes each token id stands for; 0 for special tokens and unused ids (for bits per byte)."""
+    table = byte_level_table()
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)
+    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        raw = token_bytes(tokenizer, token_id, table)
+        lengths[token_id] = 0 if raw is None else len(raw)
+    return lengths

@@ -7,8 +7,10 @@ expert (`mlp.experts.{j}.{gate,up,down}_proj.weight`), which transformers merges
 DeepSeek's checkpoints carry (`embed_tokens`, `shared_head.head`), dropped again on import. The router bias stays fp32.
 """
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,39 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config
 
+from dsv3.io import atomic_dir
 from dsv3.model.model import DSV3Config, DSV3ForCausalLM
 
-SHARED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "n_shared_experts",
-    "n_routed_experts",
-    "routed_scaling_factor",
-    "kv_lora_rank",
-    "q_lora_rank",
-    "qk_rope_head_dim",
-    "qk_nope_head_dim",
-    "v_head_dim",
-    "n_group",
-    "topk_group",
-    "num_experts_per_tok",
-    "first_k_dense_replace",
-    "norm_topk_prob",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "rope_parameters",
-    "rope_interleave",
-    "tie_word_embeddings",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
+# The fields transformers' DeepseekV3Config has too: copied as they are by export and import (derived from both
+# classes, so a field added to DSV3Config is carried over without a list to update).
+SHARED_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(DSV3Config)
+    if f.name in DSV3Config.__annotations__ and f.name in {g.name for g in dataclasses.fields(DeepseekV3Config)}
 )
 EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 MTP_COPY_KEY = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
@@ -254,3 +232,17 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
         )
     model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def save_model_folder(model, out: str | Path, tokenizer) -> Path:
+    """The hand-off between stages: `model.save_pretrained` (safetensors) plus the tokenizer — a transformers
+    tokenizer, or a folder whose tokenizer files are copied — written to a sibling folder and renamed into `out`."""
+    with atomic_dir(out) as partial:
+        model.save_pretrained(partial)
+        if isinstance(tokenizer, str | Path):
+            for item in Path(tokenizer).iterdir():
+                if item.is_file() and not (partial / item.name).exists():
+                    shutil.copy2(item, partial / item.name)
+        else:
+            tokenizer.save_pretrained(partial)
+    return Path(out)

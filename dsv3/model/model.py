@@ -88,38 +88,50 @@ class DSV3Config(PreTrainedConfig):
         self.validate_architecture()
 
     def validate_architecture(self) -> None:
-        """One-line ValueErrors for settings this implementation cannot run."""
+        """One-line ValueErrors, each starting with the field it is about ("n_group: ..."), for settings this
+        implementation cannot run. The recipe's model section is validated by building a DSV3Config."""
+        positive = (
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "num_experts_per_tok", "max_position_embeddings", "routed_scaling_factor",
+            "rms_norm_eps", "initializer_range",
+        )  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0 (got {getattr(self, name)!r})")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers", "aux_loss_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)!r})")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"q_lora_rank: must be > 0, or null for no query compression (got {self.q_lora_rank})")
         if self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError(
-                "num_key_value_heads must equal num_attention_heads: MLA has no grouped KV heads"
-            )
-        if self.q_lora_rank == 0:
-            raise ValueError("q_lora_rank must be None (not 0) for no query compression")
+            raise ValueError("num_key_value_heads: must equal num_attention_heads (MLA has no grouped KV heads)")
         if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use 'silu' (SwiGLU experts)")
+            raise ValueError(f"hidden_act: {self.hidden_act!r} is not supported; use 'silu' (SwiGLU experts)")
         if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func: {self.scoring_func!r} is not supported; use 'sigmoid' or 'softmax'")
+        if self.first_k_dense_replace > self.num_hidden_layers:
             raise ValueError(
-                f"scoring_func {self.scoring_func!r} is not supported; use 'sigmoid' or 'softmax'"
+                f"first_k_dense_replace: must be at most num_hidden_layers ({self.num_hidden_layers}), "
+                f"got {self.first_k_dense_replace}"
             )
-        groups = self.n_group or 1
-        if self.n_routed_experts % groups or not 1 <= (self.topk_group or 1) <= groups:
-            raise ValueError(
-                f"n_routed_experts ({self.n_routed_experts}) must split into n_group ({groups}) equal groups "
-                f"and 1 <= topk_group ({self.topk_group}) <= n_group"
-            )
+        groups, topk_group = self.n_group or 1, self.topk_group or 1
+        if groups <= 0 or self.n_routed_experts % groups:
+            raise ValueError(f"n_group: must divide n_routed_experts ({self.n_routed_experts}), got {groups}")
+        if not 1 <= topk_group <= groups:
+            raise ValueError(f"topk_group: must be between 1 and n_group ({groups}), got {topk_group}")
         if groups > 1 and self.n_routed_experts // groups < 2:
+            raise ValueError("n_group: each expert group needs at least 2 experts (groups are ranked by their 2 best scores)")
+        if self.num_experts_per_tok > self.n_routed_experts // groups * topk_group:
             raise ValueError(
-                "each expert group needs at least 2 experts (groups are ranked by their 2 best scores)"
-            )
-        if self.num_experts_per_tok > self.n_routed_experts // groups * (self.topk_group or 1):
-            raise ValueError(
-                "num_experts_per_tok exceeds the experts of the topk_group groups a token may use"
+                f"num_experts_per_tok: must be at most topk_group × experts per group "
+                f"({self.n_routed_experts // groups * topk_group}), got {self.num_experts_per_tok}"
             )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
+            raise ValueError(f"qk_rope_head_dim: must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.rope_parameters.get("rope_type", "default") not in ("default", "yarn"):
             raise ValueError(
-                f"rope_type {self.rope_parameters.get('rope_type')!r} is not supported; use 'default' or 'yarn'"
+                f"rope_type: {self.rope_parameters.get('rope_type')!r} is not supported; use 'default' or 'yarn'"
             )
 
 

@@ -3,7 +3,7 @@
 The pretrained model's RoPE dims switch to YaRN: factor s, original length = the pretraining seq_len, the
 β_fast/β_slow ramp and mscale/mscale_all_dim (softmax scale × (0.1·ln s + 1)², as the reference code). It then
 trains in the recipe's phases (paper: 4K → 32K → 128K, 1000 steps each at LR 7.3e-6) on packed rows of each
-phase's length with the pretraining loop (dsv3.stages.lightning_module: AdamW, MTP, balance loss, loss-free bias
+phase's length with the training loop (dsv3.train.fit: AdamW, MTP, balance loss, loss-free bias
 updates at extend.bias_update_speed), with a constant LR after an optional warm-up. A share of each phase's rows
 (extend.retrieval_fraction) are synthetic passkey documents: training keys hidden in training-split filler.
 
@@ -23,37 +23,28 @@ import json
 import math
 import random
 import time
-import warnings
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
 from tokenizers import Tokenizer
 
-from dsv3.config import ExtendPhase, PretrainSection, Recipe
+from dsv3.config import ExtendPhase, Recipe
+from dsv3.data.corpus import capped_texts, recipe_corpus, recipe_data_files
 from dsv3.data.dataset import build_lm_dataset
-from dsv3.data.tokenizer import EOS, load_tokenizer
+from dsv3.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
 from dsv3.eval.induction import copy_losses, repeated_random_rows
 from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatmap
 from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
+from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.stages import StageResult
-from dsv3.stages.balancing import LossFreeBalancer
-from dsv3.stages.corpus import capped_texts, recipe_corpus, recipe_data_files
-from dsv3.stages.health import NONFINITE, count_nonfinite
-from dsv3.stages.lightning_module import PretrainData, PretrainModule, StepProgressBar
-from dsv3.stages.plots import plot_losses
-from dsv3.stages.pretrain import (
-    _write_json,
-    lightning_trainer,
-    logged_losses,
-    resume_point,
-    save_model,
-    token_byte_lengths,
-)
-from dsv3.stages.schedules import step_plan
+from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.tracking import stage_run
+from dsv3.train import LoopSettings, fit
+from dsv3.train.plots import plot_losses
 
 SECTIONS = ("data", "pretrain", "extend")
 INPUTS = ("pretrain",)
@@ -93,7 +84,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     for i, phase in enumerate(ext.phases, start=1):
         out = phase_output(workdir, i, last=i == len(ext.phases))
         result_file = workdir / f"phase{i}" / "result.json"
-        if not (out / "model.safetensors").is_file():
+        if not result_file.is_file():  # written after the phase's model: both are there, or it trains (resumes)
             train_phase(recipe, phase, i, previous, out, workdir / f"phase{i}", corpus, tokenizer, offset)
         result = json.loads(result_file.read_text())
         history += result["history"]
@@ -159,37 +150,6 @@ def phase_output(workdir: Path, index: int, last: bool) -> Path:
     return workdir / OUTPUT if last else workdir / f"phase{index}" / OUTPUT
 
 
-def phase_training(recipe: Recipe, phase: ExtendPhase) -> PretrainSection:
-    """The pretraining loop's settings for one phase: its batch and length, a constant LR after a linear warm-up,
-    constant λ and γ, the extend section's intervals; AdamW, clipping and precision as in pretraining."""
-    ext = recipe.extend
-    steps = phase.steps or math.ceil(phase.tokens / (phase.global_batch_size * phase.seq_len))
-    settings = recipe.pretrain.model_dump() | {
-        "tokens": None,
-        "steps": steps,
-        "global_batch_size": phase.global_batch_size,
-        "micro_batch_size": phase.micro_batch_size,
-        "batch_size_start": None,
-        "lr_peak": ext.lr,
-        "lr_warmup_fraction": min(ext.lr_warmup_steps / steps, 1.0),
-        "lr_decay_start_fraction": 1.0,
-        "lr_decay_end_fraction": 1.0,
-        "lr_tail_start_fraction": 1.0,
-        "mtp_lambda": ext.mtp_lambda,
-        "mtp_lambda_after": ext.mtp_lambda,
-        "balancing": "loss_free",
-        "bias_update_speed": ext.bias_update_speed,
-        "bias_update_speed_after": ext.bias_update_speed,
-        "devices": 1,
-        "num_nodes": 1,
-        "val_every_n_steps": ext.val_every_n_steps,
-        "val_max_rows": ext.val_max_rows,
-        "checkpoint_every_n_steps": ext.checkpoint_every_n_steps,
-        "log_every_n_steps": ext.log_every_n_steps,
-    }
-    return PretrainSection.model_validate(settings)
-
-
 def phase_rows(
     recipe: Recipe, phase: ExtendPhase, corpus: datasets.DatasetDict, tokenizer: Tokenizer, cache: Path
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -226,17 +186,6 @@ def phase_rows(
     return train_rows, val_rows
 
 
-class ExtendModule(PretrainModule):
-    """The pretraining LightningModule with metric steps counted across phases (phase i starts at `step_offset`)."""
-
-    def __init__(self, *args, step_offset: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.step_offset = step_offset
-
-    def record(self, metrics: dict[str, float], step: int) -> None:
-        super().record(metrics, step + self.step_offset)
-
-
 def train_phase(
     recipe: Recipe,
     phase: ExtendPhase,
@@ -249,44 +198,28 @@ def train_phase(
     step_offset: int,
 ) -> None:
     """Fit one phase from the model in `source` (resuming from folder/checkpoints/last.ckpt), save it to `out`."""
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-    cfg = phase_training(recipe, phase)
     train_rows, val_rows = phase_rows(recipe, phase, corpus, tokenizer, folder.parent.parent / "cache")
-    plan = step_plan(cfg, phase.seq_len)
     pretrained = DSV3ForCausalLM.from_pretrained(source)
     config = yarn_config(pretrained.config, recipe) if index == 1 else pretrained.config
-    torch.manual_seed(recipe.seed + index)
-    module = ExtendModule(
-        config, cfg, plan, token_byte_lengths(tokenizer, config.vocab_size), step_offset=step_offset
+    tracking = stage_run()
+    result = fit(
+        LoopSettings.for_extension(recipe.pretrain, recipe.extend, phase),
+        config,
+        train_rows,
+        val_rows,
+        folder,
+        recipe.seed + index,
+        token_byte_lengths(tokenizer, config.vocab_size),
+        out,
+        source,
+        initial_weights=pretrained.state_dict(),
+        step_offset=step_offset,
+        logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
     )
-    module.model.load_state_dict(pretrained.state_dict())
-    data = PretrainData(train_rows, val_rows, cfg, plan, recipe.seed + index)
-    checkpoints = folder / "checkpoints"
-    callbacks = [
-        LossFreeBalancer(lambda tokens: cfg.bias_update_speed),
-        ModelCheckpoint(
-            dirpath=checkpoints,
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=cfg.checkpoint_every_n_steps,
-        ),
-        StepProgressBar(refresh_rate=module.accumulation),
-    ]
-    trainer = lightning_trainer(cfg, folder, plan.steps, module.accumulation, callbacks)
-    last, resumed_from = resume_point(checkpoints)
-    trainer.fit(module, datamodule=data, ckpt_path=last, weights_only=True)
-    trainer.validate(module, datamodule=data, verbose=False)
-    _write_json(
+    write_json_atomic(
         folder / "result.json",
-        {
-            "history": module.history,
-            "resumed_from_step": resumed_from,
-            "steps": plan.steps,
-            "tokens": plan.total_tokens,
-        },
+        {"history": result.history, "resumed_from_step": result.resumed_from_step, "steps": result.steps, "tokens": result.tokens},
     )
-    save_model(module, out, source)
 
 
 def perplexity_rows(
@@ -330,7 +263,7 @@ def cached_evaluation(
         },
         "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
     }
-    _write_json(path, result)
+    write_json_atomic(path, result)
     return result
 
 

@@ -87,3 +87,8 @@ def judge(stage: str, metrics: dict[str, float], checks: ChecksSection) -> list[
 def count_nonfinite(values) -> int:
     """How many of `values` are NaN or infinite (the stages' `nonfinite_losses` metric)."""
     return sum(1 for v in values if not math.isfinite(float(v)))
+
+
+def logged_losses(history: list[dict[str, float]]) -> list[float]:
+    """Every loss a training-loop history logged (training terms, validation, MTP depths): what must stay finite."""
+    return [v for row in history for k, v in row.items() if "loss" in k or k in ("train/ce", "train/balance")]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from dsv3.config import ProblemsSection
@@ -112,13 +111,3 @@ def train(trainer: Trainer, checkpoint: Path | None) -> None:
 
             mlflow.end_run(status="FAILED")
         raise
-
-
-def save_model(model: PreTrainedModel, tokenizer, out: Path) -> None:
-    """save_pretrained (safetensors) plus the tokenizer, written to a sibling folder and renamed."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)

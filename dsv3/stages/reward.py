@@ -42,13 +42,13 @@ from dsv3.data.math_tasks import boxed_spans  # noqa: E402
 from dsv3.eval.accuracy import answer_is_correct, generate_completions  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
+from dsv3.model.hf import save_model_folder  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
     recipe_problems,
     resume_checkpoint,
-    save_model,
     shared_arguments,
     train,
 )
@@ -83,7 +83,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     started = time.perf_counter()
     train(trainer, resume_checkpoint(workdir / CHECKPOINTS))
     train_seconds = time.perf_counter() - started
-    save_model(trainer.model, tokenizer, workdir / OUTPUT)
+    save_model_folder(trainer.model, workdir / OUTPUT, tokenizer)
     after = pair_accuracy(trainer.model, tokenizer, pairs["heldout"])
 
     history = trainer.state.log_history

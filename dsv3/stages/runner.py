@@ -15,6 +15,7 @@ inspection — and StageFailed is raised with one line naming the check and the 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -89,8 +90,13 @@ PLUMBING = {
     "dsv3",
     "dsv3.cli",
     "dsv3.config",
+    "dsv3.errors",
+    "dsv3.io",
     "dsv3.report",
     "dsv3.stages",
+    "dsv3.stages.fingerprint",
+    "dsv3.stages.health",
+    "dsv3.stages.lock",
     "dsv3.stages.manifest",
     "dsv3.stages.runner",
     "dsv3.tracking",
@@ -283,3 +289,25 @@ def _execute(
     judge_into(name, manifest, recipe)
     write_manifest(workdir, manifest)
     return result
+
+
+def adopt_finished_stage(stage: str, recipe: Recipe, runs_dir: str, donors: list[Recipe]) -> str | None:
+    """Copy a donor arm's finished `stage` into this arm's folder when the runner would trust it under this arm's
+    key (equal recipe sections, inputs and code); returns the donor's name, or None when nothing was copied."""
+    root = run_root(runs_dir, recipe)
+    try:
+        key = stage_key(stage, recipe, root)
+    except StageInputError:
+        return None  # the runner reports the missing input
+    if is_trusted(read_manifest(root / stage), key, root / stage):
+        return None
+    for donor in donors:
+        source = run_root(runs_dir, donor) / stage
+        if donor.name != recipe.name and is_trusted(read_manifest(source), key, source):
+            partial = root / f".{stage}.adopting"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial)
+            shutil.rmtree(root / stage, ignore_errors=True)
+            os.replace(partial, root / stage)
+            return donor.name
+    return None

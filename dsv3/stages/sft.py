@@ -35,13 +35,13 @@ from dsv3.data.chat import check_messages, format_conversation  # noqa: E402
 from dsv3.data.math_tasks import sft_example  # noqa: E402
 from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.model import DSV3ForCausalLM  # noqa: E402
+from dsv3.model.hf import save_model_folder  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
     recipe_problems,
     resume_checkpoint,
-    save_model,
     shared_arguments,
     train,
 )
@@ -74,7 +74,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     started = time.perf_counter()
     train(trainer, checkpoint)
     train_seconds = time.perf_counter() - started
-    save_model(trainer.model, tokenizer, workdir / OUTPUT)
+    save_model_folder(trainer.model, workdir / OUTPUT, tokenizer)
 
     heldout = recipe_problems(cfg, "heldout", recipe.seed)
     started = time.perf_counter()

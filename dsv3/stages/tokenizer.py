@@ -12,9 +12,9 @@ from pathlib import Path
 
 from dsv3.config import Recipe
 from dsv3.data.chat import CHAT_TEMPLATE
+from dsv3.data.corpus import capped_texts, recipe_corpus, recipe_data_files
 from dsv3.data.tokenizer import bytes_per_token, save_tokenizer, train_tokenizer, vocab_usage
 from dsv3.stages import StageResult
-from dsv3.stages.corpus import capped_texts, recipe_corpus, recipe_data_files
 
 SECTIONS = ("data", "tokenizer")
 INPUTS = ()

@@ -1,7 +1,8 @@
 """The pretraining schedules (PAPER.md, "Pretraining", "Balancing", "Multi-token prediction"), each a pure
 function of the tokens seen, so they do not depend on the batch size and are restored by restoring the step.
 
-Positions are fractions of the run's total tokens, as in the recipe's `pretrain` section: the paper's 14.8T
+Positions are fractions of the run's total tokens, as in the recipe's `pretrain` section (read through
+dsv3.train.settings.LoopSettings): the paper's 14.8T
 run warms up, holds 2.2e-4 until 10T, decays by a cosine to 2.2e-5 at 14.3T, holds it for 333B and ends at
 7.3e-6 for the last 167B; λ switches 0.3 → 0.1 at 10T; γ switches 0.001 → 0 at 14.3T; the batch grows from
 3072 to 15360 sequences over the first 469B tokens.
@@ -13,10 +14,10 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from dsv3.config import PretrainSection
+from dsv3.train.settings import LoopSettings
 
 
-def learning_rate(tokens: int, total_tokens: int, cfg: PretrainSection) -> float:
+def learning_rate(tokens: int, total_tokens: int, cfg: LoopSettings) -> float:
     """Warm-up → constant → cosine → constant → constant tail, at `tokens` of `total_tokens`."""
     x = tokens / total_tokens
     if x < cfg.lr_warmup_fraction:
@@ -31,19 +32,19 @@ def learning_rate(tokens: int, total_tokens: int, cfg: PretrainSection) -> float
     return cfg.lr_tail
 
 
-def mtp_weight(tokens: int, total_tokens: int, cfg: PretrainSection) -> float:
+def mtp_weight(tokens: int, total_tokens: int, cfg: LoopSettings) -> float:
     """λ of L_MTP = (λ/D) Σ_k L^k: mtp_lambda before the switch, mtp_lambda_after from it on."""
     return cfg.mtp_lambda if tokens < cfg.mtp_lambda_switch_fraction * total_tokens else cfg.mtp_lambda_after
 
 
-def bias_update_speed(tokens: int, total_tokens: int, cfg: PretrainSection) -> float:
+def bias_update_speed(tokens: int, total_tokens: int, cfg: LoopSettings) -> float:
     """γ of the loss-free balancer: bias_update_speed before the switch, bias_update_speed_after from it on."""
     if tokens < cfg.bias_update_switch_fraction * total_tokens:
         return cfg.bias_update_speed
     return cfg.bias_update_speed_after
 
 
-def global_batch_size(tokens: int, total_tokens: int, cfg: PretrainSection) -> int:
+def global_batch_size(tokens: int, total_tokens: int, cfg: LoopSettings) -> int:
     """Sequences in the optimizer step that starts at `tokens`: a linear ramp from batch_size_start to
     global_batch_size over batch_ramp_fraction of the run, rounded down to a multiple of ranks × accumulation
     (so every rank runs the same number of equal micro-batches)."""
@@ -55,7 +56,7 @@ def global_batch_size(tokens: int, total_tokens: int, cfg: PretrainSection) -> i
     return max(multiple, int(size) // multiple * multiple)
 
 
-def accumulation_steps(cfg: PretrainSection) -> int:
+def accumulation_steps(cfg: LoopSettings) -> int:
     """Micro-batches per optimizer step on each rank (fixed; during a ramp the micro-batches are smaller)."""
     return cfg.global_batch_size // (cfg.micro_batch_size * cfg.devices * cfg.num_nodes)
 
@@ -87,7 +88,7 @@ class StepPlan:
         return self.rows_before(step) * self.seq_len
 
 
-def step_plan(cfg: PretrainSection, seq_len: int) -> StepPlan:
+def step_plan(cfg: LoopSettings, seq_len: int) -> StepPlan:
     """The steps of the run: until `cfg.tokens` are seen (the last step may pass it), or `cfg.steps` steps.
 
     With `steps`, the ramp is laid out over the tokens the full-batch run would see (steps × batch × seq_len).

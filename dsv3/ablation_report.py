@@ -1,4 +1,4 @@
-"""Paired pretraining ablations beside the papers' numbers (PAPER.md; issue 9).
+"""The ablation report: paired pretraining ablations beside the papers' numbers (PAPER.md).
 
 Each ablation is a pair of runs that differ in one recipe switch — same seed, data and tokenizer:
 - FP8 blockwise vs BF16 (DeepSeek-V3 report §3.3): validation loss within 0.25% of BF16;
@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
-
-from dsv3.infer.speculative import mtp_speculative_decode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,12 +43,18 @@ class Ablation:
     switch: str
     arm: str
     baseline: str
+    also: tuple[str, ...] = ()  # settings that go with the switch (the aux-loss baseline's own α)
 
 
 ABLATIONS = (
     Ablation("fp8", "FP8 blockwise vs BF16", "pretrain.precision", "fp8", "bf16"),
     Ablation(
-        "balancing", "loss-free vs auxiliary-loss balancing", "pretrain.balancing", "loss-free", "aux-loss"
+        "balancing",
+        "loss-free vs auxiliary-loss balancing",
+        "pretrain.balancing",
+        "loss-free",
+        "aux-loss",
+        also=("model.aux_loss_alpha",),
     ),
     Ablation("mtp", "MTP on vs off", "model.num_nextn_predict_layers", "mtp-on", "mtp-off"),
 )
@@ -94,43 +97,15 @@ def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[
 
 
 def check_pair(ablation: Ablation, arm: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """Raise ValueError unless the two flattened recipes differ in exactly the ablation's switch."""
+    """Raise ValueError unless the two flattened recipes differ in the ablation's switch and nothing else (but the
+    settings that go with it)."""
     diff = recipe_differences(arm, baseline)
-    if set(diff) != {ablation.switch}:
+    if ablation.switch not in diff or not set(diff) <= {ablation.switch, *ablation.also}:
         shown = ", ".join(f"{k}: {va!r} vs {vb!r}" for k, (va, vb) in diff.items()) or "nothing"
         raise ValueError(
             f"ablation {ablation.name}: {ablation.arm} and {ablation.baseline} must differ only in {ablation.switch} "
             f"(they differ in {shown}); edit recipes/ablations/{ablation.arm}.yaml or {ablation.baseline}.yaml"
         )
-
-
-def acceptance_prompts(tokenizer, texts: list[str], count: int, length: int) -> list[torch.Tensor]:
-    """`count` prompts (1, length), windows spread evenly over the tokens of `texts` (EOS between documents, as
-    packing puts it); tokenizes only as much text as the windows need."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= 4 * count * length:
-            break
-    if len(ids) < length:
-        raise ValueError(
-            f"MTP acceptance: the validation text holds {len(ids)} tokens, fewer than one {length}-token prompt"
-        )
-    starts = torch.linspace(0, len(ids) - length, count).long().tolist()
-    return [torch.tensor([ids[s : s + length]]) for s in starts]
-
-
-@torch.no_grad()
-def mtp_acceptance(model, prompts: list[torch.Tensor], max_new_tokens: int) -> float:
-    """Share of MTP drafts the main model accepts when `model` greedily decodes `max_new_tokens` after each prompt
-    (1, T) with MTP speculative decoding (report §5.4.3: 85–90% for the second token)."""
-    drafted = accepted = 0
-    for ids in prompts:
-        result = mtp_speculative_decode(model, ids, max_new_tokens)
-        drafted, accepted = drafted + result.drafted, accepted + result.accepted
-    if not drafted:
-        raise ValueError("MTP acceptance: no token was drafted; give prompts and max_new_tokens >= 2")
-    return accepted / drafted
 
 
 # ------------------------------------------------------------------------------------------------ claims

@@ -1,6 +1,6 @@
-"""The pretraining stage's plots as PNGs (matplotlib, Agg backend: no display needed).
+"""The training loop's plots as PNGs (matplotlib, Agg backend: no display needed).
 
-`history` is the list of records the PretrainModule logs: {"step": s, "train/loss": ..., "val/loss": ...};
+`history` is the list of records the training module logs (dsv3.train.module): {"step": s, "train/loss": ..., "val/loss": ...};
 each plot draws the keys it needs from the records that have them.
 """
 

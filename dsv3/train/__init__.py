@@ -1,0 +1,17 @@
+"""The pretraining / extension training loop as a layer the stages compose (DESIGN.md: stages → train → model):
+
+    settings.py    LoopSettings, built from the pretrain section or an extension phase
+    schedules.py   LR, λ, γ and batch-size schedules as functions of the tokens seen; the step plan
+    data.py        packed rows in a deterministic, resumable step order
+    module.py      the LightningModule: forward → loss → backward → clip → step → router biases → metrics
+    balancing.py   the loss-free bias update
+    checkpoints.py atomic checkpoints, the previous one kept, unreadable ones set aside
+    fit.py         fit(): one run of the loop (pretraining or one extension phase)
+    launch.py      torchrun for several processes
+    plots.py       loss, MaxVio and expert-load plots
+"""
+
+from dsv3.train.fit import FitResult, fit
+from dsv3.train.settings import LoopSettings
+
+__all__ = ["FitResult", "LoopSettings", "fit"]

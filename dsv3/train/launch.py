@@ -1,0 +1,109 @@
+"""Multi-process training as a `torchrun` subprocess (DESIGN.md, "Known traps": Lightning's DDP re-executes the
+script, so it never runs inside the Prefect task).
+
+A stage calls `launch_torchrun` when devices × num_nodes > 1; every rank then runs
+`python -m dsv3.train.launch --entry MODULE:FUNCTION --recipe R --runs-dir D`, which calls FUNCTION(recipe, runs_dir)
+(the pretrain stage's `train_rank`) and exits. A rank that fails for a known reason (a diverged loss, bad input, a
+full disk, Ctrl-C) writes it to the failure file and exits 1 without a traceback; the stage raises it again.
+On a cluster, after `make tokenizer`, run on every node (shared runs folder; MASTER_ADDR, MASTER_PORT, NODE_RANK
+set as for torchrun):
+
+    python -m torch.distributed.run --nnodes N --nproc-per-node G --node-rank $NODE_RANK \\
+        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT -m dsv3.train.launch --recipe R --runs-dir runs
+
+then `make pretrain` on one node finishes the stage from the final checkpoint (plots, metrics, the model folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from dsv3.config import Recipe, load_recipe
+from dsv3.errors import Failure, InputError, StageFailed, TrainingDiverged, classify
+from dsv3.io import write_json_atomic
+
+RECIPE_FILE = "recipe.yaml"
+FAILURE_FILE = "rank-failure.json"
+PRETRAIN_ENTRY = "dsv3.stages.pretrain:train_rank"
+
+
+def inside_torchrun() -> bool:
+    """True in a process that torchrun (or another launcher setting LOCAL_RANK) started."""
+    return "LOCAL_RANK" in os.environ
+
+
+def torchrun_command(devices: int, num_nodes: int, entry: str, recipe_file: Path, runs_dir: Path, failure_file: Path) -> list[str]:
+    """The torchrun command line for this node: standalone on one node, c10d rendezvous across several."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={devices}"]
+    if num_nodes == 1:
+        command += ["--standalone", "--nnodes=1"]
+    else:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if k not in os.environ]
+        if missing:
+            raise InputError(f"pretrain.num_nodes={num_nodes} needs {', '.join(missing)} in the environment on every node")
+        command += [
+            f"--nnodes={num_nodes}",
+            f"--node-rank={os.environ['NODE_RANK']}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+        ]
+    return command + [
+        "-m", "dsv3.train.launch", "--entry", entry, "--recipe", str(recipe_file), "--runs-dir", str(runs_dir),
+        "--failure-file", str(failure_file),
+    ]  # fmt: skip
+
+
+def launch_torchrun(recipe: Recipe, workdir: Path, devices: int, num_nodes: int, entry: str = PRETRAIN_ENTRY) -> None:
+    """Run `entry` on devices × num_nodes ranks with torchrun in a subprocess; the resolved recipe is written to
+    workdir/recipe.yaml for the ranks. A rank's known failure is raised again here as the same kind of error."""
+    recipe_file, failure_file = workdir / RECIPE_FILE, workdir / FAILURE_FILE
+    recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    failure_file.unlink(missing_ok=True)
+    command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir.parent.parent, failure_file)
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    completed = subprocess.run(command, env=env, check=False)
+    if completed.returncode == 0:
+        return
+    if failure_file.is_file():
+        failure = Failure(**json.loads(failure_file.read_text()))
+        error = {"diverged": TrainingDiverged, "input": InputError, "interrupted": KeyboardInterrupt}.get(failure.kind, StageFailed)
+        raise error(failure.message)
+    raise RuntimeError(
+        f"torchrun training exited with code {completed.returncode}; its output is above, rerun the stage to resume "
+        f"from {workdir / 'checkpoints'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train in this torchrun rank: call ENTRY(recipe, runs_dir).")
+    parser.add_argument("--entry", default=PRETRAIN_ENTRY, help=f"module:function to run (default {PRETRAIN_ENTRY})")
+    parser.add_argument("--recipe", required=True, help="recipe YAML")
+    parser.add_argument("--runs-dir", required=True, help="the runs folder (runs/)")
+    parser.add_argument("--failure-file", help="where a rank writes a known failure (kind and one line)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    args = parser.parse_args(argv)
+    module, _, function = args.entry.partition(":")
+    entry = getattr(importlib.import_module(module), function)
+    try:
+        entry(load_recipe(args.recipe, args.set), Path(args.runs_dir).resolve())
+    except BaseException as error:
+        failure = classify(error)
+        if failure.kind == "crash" or not args.failure_file:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            write_json_atomic(args.failure_file, asdict(failure))
+        print(f"rank {os.environ.get('RANK', '0')}: {failure.message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""flows/runtime.py and `dsv3 run` under signals: Ctrl-C stops a training stage within seconds with one line and
+exit code 130, SIGTERM too (143); no Prefect server process is left behind; the rerun resumes the stage."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsv3.stages.manifest import read_manifest
+from tests.conftest import RECIPES, REPO
+
+
+def servers_of(runs_dir: Path) -> list[int]:
+    """Pids of live processes whose environment names this runs folder's PREFECT_HOME (our Prefect servers)."""
+    pids = []
+    needle = f"PREFECT_HOME={runs_dir / 'prefect'}".encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
+    runs_dir = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "flows.cli", "run", "--recipe", str(RECIPES / "smoke.yaml"), "--until", "pretrain",
+        "--set", "pretrain.steps=400", "--runs-dir", str(runs_dir),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    checkpoint = runs_dir / "smoke" / "pretrain" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert checkpoint.exists(), process.communicate()[0].decode()[-2000:]
+    assert servers_of(runs_dir), "the Prefect server should be running"
+    os.killpg(process.pid, signum)  # as a terminal delivers Ctrl-C: to the whole foreground group
+    sent = time.monotonic()
+    output = process.communicate(timeout=60)[0].decode()
+    assert time.monotonic() - sent < 20
+    assert process.returncode == code, output[-2000:]
+    assert output.rstrip().splitlines()[-1] == "dsv3: interrupted — rerun the same command to resume"
+    assert "Traceback" not in output
+    time.sleep(1)
+    assert servers_of(runs_dir) == []
+    manifest = read_manifest(runs_dir / "smoke" / "pretrain")
+    assert manifest.status == "failed" and manifest.failure["kind"] == "interrupted"
