@@ -29,6 +29,7 @@ import markdown
 from markdown.treeprocessors import Treeprocessor
 
 from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.io import write_text_atomic
 from dsv3.stages import available_stages
 from dsv3.stages.manifest import MANIFEST_NAME, Manifest, read_manifest
 
@@ -188,7 +189,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         )
     text = report_markdown(run_dir)
     page = markdown_to_html(text, run_dir, f"dsv3 report card: {run_dir.name}")
-    return _write_atomic(run_dir / REPORT_MD, text), _write_atomic(run_dir / REPORT_HTML, page)
+    return write_text_atomic(run_dir / REPORT_MD, text), write_text_atomic(run_dir / REPORT_HTML, page)
 
 
 def key_metrics(metrics: dict[str, float]) -> list[str]:
@@ -400,13 +401,6 @@ def _gpus() -> str:
         props = torch.cuda.get_device_properties(index)
         gpus.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB)")
     return f"{', '.join(gpus)}; CUDA {torch.version.cuda}"
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 _CSS = """

@@ -22,6 +22,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from dsv3.errors import disk_full
+
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
 
@@ -96,6 +98,8 @@ class Tracker:
         try:
             yield
         except BaseException as error:
+            if disk_full(error):
+                raise  # nothing can be written now: the next run's close_stale_runs closes this one
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             try:
                 self.client.set_terminated(run_id, status=status)

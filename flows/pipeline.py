@@ -16,6 +16,7 @@ already decide reuse, and a finished stage is skipped in well under a second.
 
 from __future__ import annotations
 
+import errno
 import re
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from dsv3.config import Recipe, flatten, load_recipe
-from dsv3.errors import classify
+from dsv3.errors import StageFailed, classify
 from dsv3.report import report_markdown, write_report
 from dsv3.stages.runner import code_version, run_root, run_stage
 from dsv3.tracking import Tracker
@@ -94,43 +95,55 @@ def pipeline(
     stages = stages_to_run(recipe, until)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{recipe.name}")
     tracker.close_stale_runs(str(tracker.runs_dir))
-    logger = get_run_logger()
     results, failed = [], None
+    logger = get_run_logger()
     tags = {
         "dsv3.recipe": recipe.name,
         "dsv3.recipe_path": str(recipe_path),
         "dsv3.code_version": code_version(),
     }
-    with tracker.pipeline_run(f"pipeline-{recipe.name}", tags=tags) as parent_id:
-        tracker.log_params(parent_id, flatten(recipe.pipeline, "pipeline") | {"seed": recipe.seed})
-        for stage in stages:
-            started = time.time()
-            task_with_options = stage_task.with_options(
-                name=f"stage-{stage}",
-                retries=recipe.pipeline.retries,
-                retry_delay_seconds=recipe.pipeline.retry_delay_s,
-            )
-            state = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), parent_id, return_state=True)
-            result = state.result(raise_on_failure=False)
-            if state.is_failed():
-                failed = result if isinstance(result, dict) else {"stage": stage, "failure": asdict(classify(result))}
-                logger.error("%-10s failed: %s", stage, failed["failure"]["message"])
-                break
-            result["seconds"] = time.time() - started
-            logger.info("%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"])
-            for name in result["failed_checks"]:
-                logger.warning("%-10s health check %s failed (checks.enforce is false: going on)", stage, name)
-            results.append(result)
-        if stages:
-            logger.info("report:  %s", publish_report(run_root(runs_dir, recipe), tracker, parent_id))
-        if failed:
-            tracker.set_tags(parent_id, {"dsv3.failed_stage": failed["stage"]})
+    try:
+        with tracker.pipeline_run(f"pipeline-{recipe.name}", tags=tags) as parent_id:
+            tracker.log_params(parent_id, flatten(recipe.pipeline, "pipeline") | {"seed": recipe.seed})
+            failed = run_stages(recipe, stages, runs_dir, parent_id, results)
+            if failed and failed["failure"]["kind"] == "disk":  # nothing more can be written: no report, no tags
+                raise OSError(errno.ENOSPC, failed["failure"]["message"])  # the next run closes the parent run
+            if stages:
+                logger.info("report:  %s", publish_report(run_root(runs_dir, recipe), tracker, parent_id))
+            if failed:
+                tracker.set_tags(parent_id, {"dsv3.failed_stage": failed["stage"]})
+                raise StageFailed(failed["failure"]["message"])  # the parent run ends FAILED
+    except (StageFailed, OSError):
+        if not failed:
+            raise
     logger.info("outputs: %s", run_root(runs_dir, recipe))
-    logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.uri, parent_id)
+    logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.uri, tracker.parent_id)
     if failed:
-        tracker.client.set_terminated(parent_id, status="FAILED")
         return Failed(message=failed["failure"]["message"], data=failed | {"results": results})
     return results
+
+
+def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, parent_id: str, results: list) -> dict | None:
+    """Each stage as a Prefect task, in order, appending their results, until one fails; returns that failure
+    ({"stage", "failure": {"kind", "message"}}) or None."""
+    logger = get_run_logger()
+    for stage in stages:
+        started = time.time()
+        task_with_options = stage_task.with_options(
+            name=f"stage-{stage}", retries=recipe.pipeline.retries, retry_delay_seconds=recipe.pipeline.retry_delay_s
+        )
+        state = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), parent_id, return_state=True)
+        result = state.result(raise_on_failure=False)
+        if state.is_failed():
+            failed = result if isinstance(result, dict) else {"stage": stage, "failure": asdict(classify(result))}
+            logger.error("%-10s failed: %s", stage, failed["failure"]["message"])
+            return failed
+        result["seconds"] = time.time() - started
+        logger.info("%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"])
+        for name in result["failed_checks"]:
+            logger.warning("%-10s health check %s failed (checks.enforce is false: going on)", stage, name)
+        results.append(result)
+    return None
 
 
 def stages_to_run(recipe: Recipe, until: str | None) -> list[str]:

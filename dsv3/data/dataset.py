@@ -10,9 +10,7 @@ corpus text); a second call with the same key loads it without tokenizing again.
 
 import hashlib
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import datasets
@@ -28,6 +26,7 @@ from dsv3.data.tokenizer import (
     split_merged_punctuation,
     tokenizer_hash,
 )
+from dsv3.io import atomic_dir
 
 STATS_FILE = "stats.json"
 
@@ -128,13 +127,9 @@ def build_lm_dataset(
         "dropped_tokens": packed["dropped_tokens"],
         "key": key,
     }
-    # Write to a sibling folder and rename: a crash never leaves a half-written cache that looks complete.
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    rows.save_to_disk(str(partial))
-    (partial / STATS_FILE).write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(partial, path)
+    with atomic_dir(path) as partial:  # a crash never leaves a half-written cache that looks complete
+        rows.save_to_disk(str(partial))
+        (partial / STATS_FILE).write_text(json.dumps(stats, indent=2))
     return datasets.load_from_disk(str(path))
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from dsv3.io import write_json_atomic
 
 MANIFEST_NAME = "stage.json"
 Status = Literal["running", "completed", "failed"]
@@ -89,12 +89,7 @@ def write_manifest(workdir: Path, manifest: Manifest) -> Path:
     """Write atomically (temporary file + rename), so a kill never leaves half a manifest."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".stage.", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(manifest.to_json(), fh, indent=2, sort_keys=True)
-    path = workdir / MANIFEST_NAME
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(workdir / MANIFEST_NAME, manifest.to_json(), indent=2, sort_keys=True)
 
 
 def hash_outputs(workdir: Path, outputs: list[str]) -> dict[str, str]:

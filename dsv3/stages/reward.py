@@ -21,7 +21,6 @@ Resumable: the pairs are written once to `pairs.json` (the SFT samples are not d
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import defaultdict
@@ -41,6 +40,7 @@ from dsv3.data.chat import conversation  # noqa: E402
 from dsv3.data.math_tasks import boxed_spans  # noqa: E402
 from dsv3.eval.accuracy import answer_is_correct, generate_completions  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore  # noqa: E402
+from dsv3.io import write_json_atomic  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.model.hf import save_model_folder  # noqa: E402
 from dsv3.stages import StageResult  # noqa: E402
@@ -210,10 +210,8 @@ def load_or_build_pairs(path: Path, cfg: RewardSection, seed: int, sft_model: Pa
     train_pairs, wrong_rate = preference_pairs(train_problems, samples, rng)
     heldout_pairs, _ = preference_pairs(heldout_problems, heldout_samples, rng)
     pairs = {"train": train_pairs, "heldout": heldout_pairs, "sft_samples_wrong_rate": wrong_rate}
-    partial = path.with_name(path.name + ".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text(json.dumps(pairs))
-    os.replace(partial, path)
+    write_json_atomic(path, pairs)
     return pairs
 
 

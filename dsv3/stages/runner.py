@@ -15,7 +15,6 @@ inspection — and StageFailed is raised with one line naming the check and the 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Literal
 import dsv3
 from dsv3.config import Recipe, flatten
 from dsv3.errors import StageFailed, classify
+from dsv3.io import atomic_dir
 from dsv3.stages import StageResult, get_stage, stage_inputs
 from dsv3.stages.fingerprint import content_hash
 from dsv3.stages.health import judge
@@ -304,10 +304,7 @@ def adopt_finished_stage(stage: str, recipe: Recipe, runs_dir: str, donors: list
     for donor in donors:
         source = run_root(runs_dir, donor) / stage
         if donor.name != recipe.name and is_trusted(read_manifest(source), key, source):
-            partial = root / f".{stage}.adopting"
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(source, partial)
-            shutil.rmtree(root / stage, ignore_errors=True)
-            os.replace(partial, root / stage)
+            with atomic_dir(root / stage) as partial:
+                shutil.copytree(source, partial, dirs_exist_ok=True)
             return donor.name
     return None
