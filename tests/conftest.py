@@ -25,3 +25,12 @@ RECIPES = REPO / "recipes"
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts at one thread (a test that sets more is set back): tiny models decode token by token,
+    and on a shared 2-core machine one thread is ~10x faster than two."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)

@@ -41,13 +41,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode token by token: on a shared 2-core machine one thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def models(**overrides) -> tuple[DSV3ForCausalLM, DSV3ForCausalLM]:

@@ -258,3 +258,18 @@ def test_interrupt_and_full_disk_are_recorded_and_resume(stage, runs_dir, monkey
     monkeypatch.setattr(stage, "run", real_run)
     resumed = run_stage("tokenizer", recipe, runs_dir)
     assert resumed.action == "resumed" and resumed.manifest.attempts == 3
+
+
+def test_an_edited_local_corpus_reruns_the_real_tokenizer_stage(runs_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(f"def function_{i}(x):\n    return x * {i} + {i * i}\n" * 40)
+    recipe = load_recipe(
+        RECIPES / "smoke.yaml",
+        ["data.source=local", f"data.paths=[{corpus}]", "tokenizer.vocab_size=300", "checks.tokenizer.min_bytes_per_token=1.0"],
+    )
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+    assert run_stage("tokenizer", recipe, runs_dir).action == "skipped"
+    (corpus / "doc3.txt").write_text("class Edited:\n    pass\n" * 40)
+    assert run_stage("tokenizer", recipe, runs_dir).action == "ran"

@@ -45,13 +45,6 @@ run_stage("sft", load_recipe(sys.argv[1], sys.argv[3:]), sys.argv[2])
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine make these tiny matmuls ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def smoke(*overrides: str):
@@ -217,3 +210,21 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-9"  # 12 half-written, 8 without its state
+
+
+def test_sft_with_zero_learning_rate_fails_its_format_check_and_nothing_after_it_runs(runs_dir, pretrained):
+    """An SFT that learns nothing (LR 0) leaves the random model's answers: no \\boxed{}, cut at the limit. With the
+    format check at its default the stage is failed with one line, its outputs kept, and reward cannot start."""
+    from dsv3.errors import StageFailed
+    from dsv3.stages.runner import StageInputError, stage_key
+
+    overrides = ["pipeline.stages=[tokenizer,pretrain,sft,reward]", "sft.lr_peak=0", "sft.lr_final=0", "sft.epochs=1",
+                 "checks.sft.min_format_rate=0.5"]  # fmt: skip
+    recipe = smoke(*overrides)
+    fake_pretrain_stage(runs_dir, recipe.name, pretrained)
+    with pytest.raises(StageFailed, match=r"^stage sft failed its health check checks.sft.min_format_rate: measured 0, needs ≥ 0.5"):
+        run_stage("sft", recipe, runs_dir)
+    workdir = runs_dir / recipe.name / "sft"
+    assert read_manifest(workdir).status == "failed" and (workdir / "model" / "model.safetensors").is_file()
+    with pytest.raises(StageInputError, match="needs the output of sft"):
+        stage_key("reward", recipe, runs_dir / recipe.name)

@@ -19,13 +19,6 @@ CONFIG = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode token by token: on a shared 2-core machine one thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_model(**overrides) -> DSV3ForCausalLM:

@@ -178,7 +178,7 @@ def sft_config(cfg: SftSection, output_dir: Path, seed: int) -> SFTConfig:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.lr_peak,
         lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": cfg.lr_final},
+        lr_scheduler_kwargs={"min_lr_rate": cfg.lr_final / cfg.lr_peak if cfg.lr_peak else 0.0},  # lr_peak 0: evaluate
         warmup_steps=cfg.lr_warmup_fraction,  # a float below 1 is a fraction of the steps
         max_length=cfg.max_seq_len,
         packing=True,
