@@ -155,6 +155,9 @@ class PretrainSection(Section):
     )
     optimizer_states_bf16: bool = Field(False, description="AdamW moments stored in BF16 (the paper's choice)")
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    compile: bool = Field(
+        False, description="torch.compile each decoder and MTP block in place (regional); eager when false"
+    )
     deterministic: bool = Field(
         True, description="torch.use_deterministic_algorithms: the same seed and threads give bit-identical runs"
     )

@@ -9,6 +9,12 @@ torch._grouped_mm (CPU and CUDA, torch 2.13) rules, checked here: inputs float32
 operands the same dtype; no float64); `offs` int32 cumulative row ends, the last equal to the number of rows
 (rows past it come back uninitialised); every row stride a multiple of 16 bytes, hence hidden_size and
 moe_intermediate_size multiples of 8; the output gradient must not be an expanded (stride-0) tensor.
+
+Compiled (`dsv3.train.compile`): every shape in the dispatch is fixed by (B, T) — the tokens per expert live only
+in the values of `offsets`, never in a shape (no bincount, no `.item()`) — so a block compiles once and does not
+recompile when the expert loads change, and there is no graph break. torch._grouped_mm's fake (meta) kernel
+accepts bfloat16 only, so under torch.compile other dtypes go through `dsv3::grouped_mm`, the same kernel as a
+custom op with its own shape function and backward; eager calls torch._grouped_mm as it always did.
 """
 
 import torch
@@ -53,16 +59,20 @@ class Router(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        """Move with the module but stay fp32: ±γ steps of 1e-3 are below bf16 resolution near 1."""
-        bias = self.e_score_correction_bias
+        """Move with the module but stay fp32: ±γ steps of 1e-3 are below bf16 resolution near 1, and so are token
+        counts above 256."""
+        before = {name: getattr(self, name) for name in ("e_score_correction_bias", "expert_load")}
         super()._apply(fn, recurse)
-        if self.e_score_correction_bias.dtype != torch.float32:
-            device = self.e_score_correction_bias.device
-            self.e_score_correction_bias = (
-                torch.zeros_like(bias, device=device)
-                if bias.is_meta
-                else bias.to(device=device, dtype=torch.float32)
-            )
+        for name, buffer in before.items():
+            if getattr(self, name).dtype != torch.float32:
+                device = getattr(self, name).device
+                setattr(
+                    self,
+                    name,
+                    torch.zeros_like(buffer, device=device)
+                    if buffer.is_meta
+                    else buffer.to(device=device, dtype=torch.float32),
+                )
         return self
 
     def affinities(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +106,35 @@ class Router(nn.Module):
         return topk_idx, self.gate_weights(scores, topk_idx), scores
 
 
+@torch.library.custom_op("dsv3::grouped_mm", mutates_args=())
+def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs=offs) as an op torch.compile treats as opaque: a (N, K) @ b (E, K, M) -> (N, M),
+    or a (K, N) @ b (N, M) -> (E, K, M) (the weight gradient); the result always contiguous, as its fake says."""
+    return torch._grouped_mm(a, b, offs=offs).contiguous()
+
+
+@grouped_mm_op.register_fake
+def _grouped_mm_shape(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    """The formulas of torch._grouped_mm's own backward (bit for bit): da = grad bᵀ per group, db = aᵀ grad per group."""
+    a, b, offs = ctx.saved_tensors
+    da = grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    db = grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return da, db, None
+
+
+def _grouped_mm_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
+
+
 class GroupedExperts(nn.Module):
     """The routed experts FFN^(r)_i of eq. 12: SwiGLU weights stacked over experts, run as grouped GEMMs.
 
@@ -121,13 +160,21 @@ class GroupedExperts(nn.Module):
         """
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        return torch._grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
+        grouped_mm = grouped_mm_op if torch.compiler.is_compiling() and dtype != torch.bfloat16 else torch._grouped_mm
+        return grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted (N, C): tokens sorted by expert; counts (E,): rows per expert -> (N, C)."""
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = self.grouped_matmul(x_sorted, self.gate_up_proj, offsets).chunk(2, dim=-1)
         return self.grouped_matmul(F.silu(gate) * up, self.down_proj, offsets)
+
+
+def tokens_per_expert(sorted_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Counts (E,) of each expert id in `sorted_experts` (ascending), a shape fixed by E whatever the loads are
+    (bincount's output length depends on the values, which torch.compile cannot trace without a graph break)."""
+    ends = torch.searchsorted(sorted_experts, torch.arange(n_experts, device=sorted_experts.device), right=True)
+    return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
 def sequence_balance_loss(
@@ -176,16 +223,18 @@ class MoE(nn.Module):
         expert_of = topk_idx.reshape(-1)  # (N·K,) one entry per (token, slot)
         order = expert_of.argsort(stable=True)
         token_of = order // K  # the token of each sorted entry
-        counts = torch.bincount(expert_of, minlength=self.n_experts)
+        counts = tokens_per_expert(expert_of.index_select(0, order), self.n_experts)
         # index_select, not flat[token_of]: the backward of advanced indexing (index_put_ with accumulate) sums in
         # a thread-dependent order on CPU, index_select's (index_add_) does not: same seed, same numbers.
         y = self.experts(flat.index_select(0, token_of), counts)  # (N·K, C) sorted by expert
         y = (y * weights.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)
         routed = torch.zeros_like(flat).index_add_(0, token_of, y)
         valid = None if token_mask is None else token_mask.reshape(-1, 1).expand(-1, K).reshape(-1)
-        self.gate.expert_load = torch.bincount(
-            expert_of, weights=None if valid is None else valid.float(), minlength=self.n_experts
-        ).float()
+        # written in place: a buffer rebound to a tensor made under inference_mode would fail a compiled block's
+        # guards at its next call and compile it once more
+        self.gate.expert_load.copy_(
+            counts if valid is None else torch.zeros_like(self.gate.expert_load).index_add_(0, expert_of, valid.float())
+        )
         balance = (
             sequence_balance_loss(
                 scores.view(B, T, -1), topk_idx.view(B, T, K), token_mask, self.aux_loss_alpha

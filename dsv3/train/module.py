@@ -28,6 +28,7 @@ from dsv3.eval.expert_load import max_violation
 from dsv3.fp8 import AdamWBF16Moments
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.train.balancing import update_router_biases
+from dsv3.train.compile import compile_blocks
 from dsv3.train.schedules import StepPlan, accumulation_steps, bias_update_speed, learning_rate, mtp_weight
 from dsv3.train.settings import LoopSettings
 
@@ -54,6 +55,8 @@ class CausalLMTraining(L.LightningModule):
     ):
         super().__init__()
         self.model = DSV3ForCausalLM(config)
+        if settings.compile:
+            compile_blocks(self.model)
         self.settings, self.plan, self.step_offset = settings, plan, step_offset
         self.accumulation = accumulation_steps(settings)
         self.n_main_moe_layers = max(config.num_hidden_layers - config.first_k_dense_replace, 0)

@@ -47,6 +47,7 @@ class LoopSettings:
     precision: str
     fp8_backend: str
     accelerator: str
+    compile: bool
     devices: int
     num_nodes: int
     deterministic: bool
