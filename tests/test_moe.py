@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from dsv3.model import DSV3Config
-from dsv3.model.moe import GroupedExperts, MoE, Router, sequence_balance_loss
+from dsv3.model.moe import (
+    GroupedExperts,
+    MoE,
+    Router,
+    grouped_linear,
+    sequence_balance_loss,
+    tokens_per_expert,
+)
 
 
 def moe_config(**overrides) -> DSV3Config:
@@ -52,6 +59,30 @@ def test_grouped_gemm_equals_per_expert_loop():
     torch.testing.assert_close(y, loop)
     for ours, theirs in zip(grads, (x.grad, experts.gate_up_proj.grad, experts.down_proj.grad), strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_grouped_linear_op_equals_the_grouped_gemm_it_wraps():
+    """dsv3::grouped_linear (what a compiled block runs for non-bf16 dtypes): the same output and input gradient
+    bit for bit, the weight gradient within rounding (computed in the weight's layout), zeros for an idle expert;
+    torch.library.opcheck checks its fake shapes and autograd registration."""
+    experts = randomised(GroupedExperts(4, 16, 8))
+    offsets = torch.tensor([3, 3, 8, 10], dtype=torch.int32)  # expert 1 has no rows
+    x = torch.randn(10, 16, requires_grad=True)
+    g = torch.randn(10, 16)
+    y = torch._grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offsets)
+    y.backward(g)
+    x2, w2 = x.detach().clone().requires_grad_(), experts.gate_up_proj.detach().clone().requires_grad_()
+    y2 = grouped_linear(x2, w2, offsets)
+    y2.backward(g)
+    assert torch.equal(y2, y) and torch.equal(x2.grad, x.grad)
+    torch.testing.assert_close(w2.grad, experts.gate_up_proj.grad, rtol=1e-6, atol=1e-6)
+    assert w2.grad.is_contiguous() and torch.all(w2.grad[1] == 0)
+    torch.library.opcheck(grouped_linear, (x2, w2, offsets))
+
+
+def test_tokens_per_expert_counts_sorted_ids_with_a_fixed_length():
+    ids = torch.tensor([0, 0, 2, 2, 2, 5])
+    assert tokens_per_expert(ids, 7).tolist() == torch.bincount(ids, minlength=7).tolist() == [2, 0, 3, 0, 0, 1, 0]
 
 
 def test_grouped_gemm_needs_aligned_sizes():

@@ -13,7 +13,7 @@ moe_intermediate_size multiples of 8; the output gradient must not be an expande
 Compiled (`dsv3.train.compile`): every shape in the dispatch is fixed by (B, T) — the tokens per expert live only
 in the values of `offsets`, never in a shape (no bincount, no `.item()`) — so a block compiles once and does not
 recompile when the expert loads change, and there is no graph break. torch._grouped_mm's fake (meta) kernel
-accepts bfloat16 only, so under torch.compile other dtypes go through `dsv3::grouped_mm`, the same kernel as a
+accepts bfloat16 only, so under torch.compile other dtypes go through `dsv3::grouped_linear`, the same kernel as a
 custom op with its own shape function and backward; eager calls torch._grouped_mm as it always did.
 """
 
@@ -106,33 +106,47 @@ class Router(nn.Module):
         return topk_idx, self.gate_weights(scores, topk_idx), scores
 
 
-@torch.library.custom_op("dsv3::grouped_mm", mutates_args=())
-def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm(a, b, offs=offs) as an op torch.compile treats as opaque: a (N, K) @ b (E, K, M) -> (N, M),
-    or a (K, N) @ b (N, M) -> (E, K, M) (the weight gradient); the result always contiguous, as its fake says."""
-    return torch._grouped_mm(a, b, offs=offs).contiguous()
+@torch.library.custom_op("dsv3::grouped_linear", mutates_args=())
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of x (N, in) times weight[e]ᵀ, weight (E, out, in) -> (N, out): torch._grouped_mm as
+    one op torch.compile treats as opaque, for the dtypes its own fake kernel refuses (all but bfloat16)."""
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs).contiguous()
 
 
-@grouped_mm_op.register_fake
-def _grouped_mm_shape(a, b, offs):
-    if b.dim() == 3:
-        return a.new_empty(a.shape[0], b.shape[-1])
-    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])
+@grouped_linear.register_fake
+def _grouped_linear_shape(x, weight, offs):
+    return x.new_empty(x.shape[0], weight.shape[1])
 
 
-def _grouped_mm_backward(ctx, grad):
-    """The formulas of torch._grouped_mm's own backward (bit for bit): da = grad bᵀ per group, db = aᵀ grad per group."""
-    a, b, offs = ctx.saved_tensors
-    da = grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
-    db = grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
-    return da, db, None
+@torch.library.custom_op("dsv3::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `grouped_linear`: dx = grad_e W_e (N, in) and dW_e = grad_eᵀ x_e (E, out, in), each as one grouped
+    GEMM, dW computed in the weight's own layout (no transposed copy); an expert without rows gets zeros."""
+    grad = grad.contiguous()
+    dx = torch._grouped_mm(grad, weight, offs=offs)
+    dw = torch._grouped_mm(grad.t(), x, offs=offs)
+    return dx.contiguous(), dw.contiguous()
 
 
-def _grouped_mm_save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+@grouped_linear_backward.register_fake
+def _grouped_linear_backward_shapes(grad, x, weight, offs):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
+def _grouped_linear_save(ctx, inputs, output):
+    x, weight, offs = inputs
+    ctx.save_for_backward(x, weight, offs)
+
+
+def _grouped_linear_grad(ctx, grad):
+    x, weight, offs = ctx.saved_tensors
+    dx, dw = grouped_linear_backward(grad, x, weight, offs)
+    return dx, dw, None
+
+
+grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_save)
 
 
 class GroupedExperts(nn.Module):
@@ -160,8 +174,9 @@ class GroupedExperts(nn.Module):
         """
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        grouped_mm = grouped_mm_op if torch.compiler.is_compiling() and dtype != torch.bfloat16 else torch._grouped_mm
-        return grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
+        if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+            return grouped_linear(x.to(dtype), weight.to(dtype), offsets)
+        return torch._grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted (N, C): tokens sorted by expert; counts (E,): rows per expert -> (N, C)."""
