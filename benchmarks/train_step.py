@@ -3,13 +3,17 @@
 Both models hold the same weights (ours exported with dsv3.model.hf.export_hf and loaded by transformers), run in one
 process, interleaved step by step so that load from other processes hits all alike; the best (minimum) step time is
 the least disturbed estimate on a shared machine, the median is printed beside it. transformers runs with its
-defaults (sdpa attention, grouped_mm experts) and, as a second row, with its eager per-expert loop. Ours computes
-the main CE only here (no MTP, D = 0) so the work is the same.
+defaults (sdpa attention, grouped_mm experts) and, as a second row, with its eager per-expert loop. Ours runs eagerly
+and, as another row, with every block compiled in place (dsv3.train.compile.compile_blocks, the recipe's
+`pretrain.compile: true`), on a copy of the same weights. The first step of each model is timed on its own (for the
+compiled row it includes compiling the blocks, forward and backward); best and median are over the steps after the
+warm-up. Ours computes the main CE only here (no MTP, D = 0) so the work is the same.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256] [--dtype float32]
+    .venv/bin/python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256] [--dtype float32] [--no-compile]
 """
 
 import argparse
+import copy
 import platform
 import statistics
 import subprocess
@@ -70,8 +74,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled row")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    # imported here, not at the top: the GPU check imports this file through kv_cache.py where dsv3.train's package
+    # (Lightning, datasets) may be missing
+    from dsv3.train.compile import compile_blocks
+
     torch.manual_seed(0)
     ours = DSV3ForCausalLM(DSV3Config(**CONFIG))
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +88,7 @@ def main() -> None:
         export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
         models = {
             "dsv3 DSV3ForCausalLM": ours,
+            **({} if args.no_compile else {"dsv3 DSV3ForCausalLM, compiled blocks": compile_blocks(copy.deepcopy(ours))}),
             "transformers DeepseekV3 (sdpa, grouped_mm)": AutoModelForCausalLM.from_pretrained(
                 Path(tmp) / "hf"
             ),
@@ -88,15 +98,16 @@ def main() -> None:
         }
     models = {name: model.to(dtype).train() for name, model in models.items()}
     ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.seq))
+    first = {name: step_seconds(model, ids) for name, model in models.items()}  # compiles the compiled row
     times = {name: [] for name in models}
-    for step in range(args.warmup + args.steps):
+    for step in range(1, max(args.warmup, 1) + args.steps):  # the first step counts as warm-up
         for name, model in models.items():
             seconds = step_seconds(model, ids)
-            if step >= args.warmup:
+            if step >= max(args.warmup, 1):
                 times[name].append(seconds)
     tokens = args.batch * args.seq
-    ours_best = min(times["dsv3 DSV3ForCausalLM"])
-    ours_median = statistics.median(times["dsv3 DSV3ForCausalLM"])
+    reference = "transformers DeepseekV3 (sdpa, grouped_mm)"
+    ref_best, ref_median = min(times[reference]), statistics.median(times[reference])
     print(
         f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}"
     )
@@ -104,13 +115,14 @@ def main() -> None:
     print(
         f"batch {args.batch}×{args.seq} tokens, {args.dtype}, {args.steps} interleaved steps after {args.warmup} warm-up\n"
     )
-    print("| model | s/step best | s/step median | tokens/s (best) | dsv3 speed-up best / median |")
-    print("|---|---|---|---|---|")
+    print("| model | first step s (compile included) | s/step best | s/step median | tokens/s (best) | "
+          "speed-up vs transformers default, best / median |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, samples in times.items():
         best, median = min(samples), statistics.median(samples)
         print(
-            f"| {name} | {best:.3f} | {median:.3f} | {tokens / best:,.0f} | "
-            f"{best / ours_best:.2f}× / {median / ours_median:.2f}× |"
+            f"| {name} | {first[name]:.2f} | {best:.3f} | {median:.3f} | {tokens / best:,.0f} | "
+            f"{ref_best / best:.2f}× / {ref_median / median:.2f}× |"
         )
 
 

@@ -42,10 +42,11 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
     blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     if not blocks:
         raise ValueError(f"compile_blocks found no DecoderLayer in {type(model).__name__}: pass a DSV3 model")
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.12: per compile call
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch 2.13: a limit per compile call
         options.setdefault("recompile_limit", RECOMPILE_LIMIT)
-    else:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    else:  # older torch: dynamo's global limit (named cache_size_limit before torch 2.7)
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
     for block in blocks:
         if block._compiled_call_impl is None:
             block.compile(**options)
