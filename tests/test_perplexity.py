@@ -63,3 +63,27 @@ def test_plot(tmp_path):
         {"before": {8: 20.0, 16: 30.0}, "after": {8: 19.0, 16: 18.0}}, tmp_path / "p.png", 8
     )
     assert path.read_bytes()[:4] == b"\x89PNG" and math.isfinite(path.stat().st_size)
+
+
+def test_the_training_loops_validation_perplexity_is_this_one():
+    """One definition: on the same model and rows, the pretrain/extend stages' val/perplexity (the training loop's
+    validation, dsv3.train.module) equals eval.perplexity's, which the extension's perplexity-by-length uses."""
+    import datasets
+    import lightning as L
+
+    from dsv3.config import PretrainSection
+    from dsv3.train.data import PackedRowsData
+    from dsv3.train.module import CausalLMTraining
+    from dsv3.train.schedules import step_plan
+    from dsv3.train.settings import LoopSettings
+    from tests.toy_model import toy_config
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (6, 33))
+    rows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "position_ids": [list(range(33))] * 6})
+    settings = LoopSettings.from_pretrain(PretrainSection(steps=1, global_batch_size=2, micro_batch_size=2))
+    module = CausalLMTraining(toy_config(initializer_range=0.3), settings, step_plan(settings, 33), torch.ones(96))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=PackedRowsData(rows, rows, settings, step_plan(settings, 33), 0), verbose=False)
+    (validation,) = [r for r in module.history if "val/perplexity" in r]
+    assert validation["val/perplexity"] == pytest.approx(perplexity(module.model, ids, batch_size=4), rel=1e-6)

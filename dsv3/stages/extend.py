@@ -42,13 +42,16 @@ from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.stages import StageResult
 from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.stages.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import LoopSettings, fit
+from dsv3.train.data import validation_subset
 from dsv3.train.plots import plot_losses
 
 SECTIONS = ("data", "pretrain", "extend")
 INPUTS = ("pretrain",)
 OUTPUT = "model"
+HEADLINE = ("ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_after_")
 TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a fix to this section
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
 COPY_ROWS, COPY_LENGTH = 16, 64  # the in-context copying probe: 16 random sequences of 64 tokens, each repeated
@@ -67,7 +70,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     corpus = recipe_corpus(recipe.data)
     ext = recipe.extend
     heldout = PasskeyTask(tokenizer, corpus["validation"]["text"], "heldout", ext.passkey_digits, recipe.seed)
-    ppl_rows = perplexity_rows(recipe, tokenizer, corpus["validation"], workdir.parent / "cache")
+    ppl_rows = perplexity_rows(recipe, tokenizer, corpus["validation"], shared_cache(workdir))
     special = tokenizer.get_added_tokens_decoder()
     ordinary = [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True)) if i not in special]
     copy_rows = repeated_random_rows(ordinary, COPY_ROWS, COPY_LENGTH, recipe.seed)
@@ -198,7 +201,7 @@ def train_phase(
     step_offset: int,
 ) -> None:
     """Fit one phase from the model in `source` (resuming from folder/checkpoints/last.ckpt), save it to `out`."""
-    train_rows, val_rows = phase_rows(recipe, phase, corpus, tokenizer, folder.parent.parent / "cache")
+    train_rows, val_rows = phase_rows(recipe, phase, corpus, tokenizer, shared_cache(folder.parent))
     pretrained = DSV3ForCausalLM.from_pretrained(source)
     config = yarn_config(pretrained.config, recipe) if index == 1 else pretrained.config
     tracking = stage_run()
@@ -225,19 +228,25 @@ def train_phase(
 def perplexity_rows(
     recipe: Recipe, tokenizer: Tokenizer, validation: datasets.Dataset, cache: Path
 ) -> dict[int, torch.Tensor]:
-    """{L: the first extend.perplexity_tokens validation tokens cut into rows of L} (the same text for every L)."""
-    rows = {}
-    for length in recipe.extend.perplexity_lengths:
-        packed = build_lm_dataset(validation, tokenizer, length, 0.0, 0.0, recipe.seed, cache)
-        n = min(len(packed), max(1, recipe.extend.perplexity_tokens // length))
-        if n == 0:
-            raise ValueError(
-                f"the validation split packs into no row of {length} tokens: drop it from extend.perplexity_lengths"
-            )
-        rows[length] = torch.tensor(
-            np.asarray(packed.with_format("numpy")[:n]["input_ids"]), dtype=torch.long
+    """{L: rows (N_L, L)}: about extend.perplexity_tokens validation tokens, the same tokens at every length L.
+
+    Windows of the longest L are taken evenly spread over the packed validation split — as the pretrain stage
+    spreads its validation rows (its documents differ a lot in difficulty; the first few alone scored twice the
+    perplexity of the whole split) — and each is cut into rows of every shorter L."""
+    longest = max(recipe.extend.perplexity_lengths)
+    packed = build_lm_dataset(validation, tokenizer, longest, 0.0, 0.0, recipe.seed, cache)
+    if len(packed) == 0:
+        raise ValueError(
+            f"extend.perplexity_lengths: the validation split packs into no row of {longest} tokens; drop that length"
         )
-    return rows
+    windows = validation_subset(packed, max(1, recipe.extend.perplexity_tokens // longest))
+    tokens = torch.tensor(np.asarray(windows.with_format("numpy")["input_ids"]), dtype=torch.long)  # (N, longest)
+    return {length: tokens[:, : longest // length * length].reshape(-1, length) for length in recipe.extend.perplexity_lengths}
+
+
+def passkey_lengths(recipe: Recipe) -> list[int]:
+    """extend.passkey_lengths and every length a phase trains at: the evaluation covers what was trained."""
+    return sorted(set(recipe.extend.passkey_lengths) | {phase.seq_len for phase in recipe.extend.phases})
 
 
 def cached_evaluation(
@@ -254,7 +263,7 @@ def cached_evaluation(
         return json.loads(path.read_text())
     ext = recipe.extend
     accuracy = evaluate_passkey(
-        model, task, ext.passkey_lengths, ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
+        model, task, passkey_lengths(recipe), ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
     )
     result = {
         "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
@@ -298,7 +307,12 @@ def stage_result(
     artifacts.append(
         plot_perplexity_by_length(curves, workdir / "perplexity_by_length.png", recipe.data.seq_len).name
     )
-    artifacts.append(plot_losses(history, workdir / "loss_curves.png").name)
+    starts, step = {}, 0
+    for i, phase in enumerate(recipe.extend.phases, start=1):
+        starts[step] = f"phase {i}: {phase.seq_len} tokens"
+        step += LoopSettings.for_extension(recipe.pretrain, recipe.extend, phase).steps
+    title = f"Context extension (YaRN s = {recipe.extend.factor:g}): loss by phase"
+    artifacts.append(plot_losses(history, workdir / "loss_curves.png", title=title, boundaries=starts).name)
     original = str(recipe.data.seq_len)
     if original in before["perplexity"]:
         metrics["ppl_change_at_original_length"] = (

@@ -42,6 +42,7 @@ from dsv3.stages import StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
+    attach_logging,
     recipe_problems,
     resume_checkpoint,
     shared_arguments,
@@ -51,6 +52,7 @@ from dsv3.stages.post_training import (  # noqa: E402
 SECTIONS = ("rl",)
 INPUTS = ("sft", "reward")
 OUTPUT = "model"
+HEADLINE = ("heldout_accuracy_sft", "heldout_accuracy_rl", "heldout_format_rate_rl", "reward_first", "reward_final", "kl_final", "rollout_truncated_rate")
 CHECKPOINTS = "checkpoints"
 PLOT = "rl_rewards.png"
 REWARD_NAMES = ("correctness_reward", "format_reward", "reward_model")
@@ -65,6 +67,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     trainer = build_trainer(
         policy, tokenizer, reward_model, AutoTokenizer.from_pretrained(rm_dir), cfg, workdir, recipe.seed
     )
+    attach_logging(trainer, "rl")
     start = ResumeStep()
     trainer.add_callback(start)
     started = time.perf_counter()
@@ -81,7 +84,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     eval_seconds = time.perf_counter() - started
 
     history = trainer.state.log_history
-    plot_rewards(history, workdir / PLOT)
+    plot_rewards(history, workdir / PLOT, cfg.max_completion_length)
     logged = [r for r in history if "reward" in r]
     metrics = {
         "train_steps": trainer.state.global_step,
@@ -202,18 +205,23 @@ def summary(cfg: RlSection, metrics: dict, scores: dict[str, dict[str, float]], 
     return "\n".join([head, "", *table])
 
 
-def plot_rewards(history: list[dict], path: Path) -> Path:
-    """Total reward and each reward's mean against optimizer steps; KL and completion length below."""
+def plot_rewards(history: list[dict], path: Path, max_length: int) -> Path:
+    """Three panels against optimizer steps: the weighted total reward; each reward's mean (own markers, so that
+    equal curves stay visible); the KL to the SFT model with the mean completion length on 0..max_length."""
     rows = [r for r in history if "reward" in r]
     steps = [r["step"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-    top.plot(steps, [r["reward"] for r in rows], marker="o", markersize=3, label="weighted total")
-    for name in REWARD_NAMES:
-        top.plot(steps, [r.get(f"rewards/{name}/mean", float("nan")) for r in rows], label=name)
-    top.set_ylabel("mean reward per completion")
-    top.set_title("GRPO")
-    top.grid(alpha=0.3)
-    top.legend(loc="best", fontsize=8)
+    fig, (total, parts, bottom) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
+    total.plot(steps, [r["reward"] for r in rows], marker="o", markersize=3, color="black", label="weighted total")
+    total.set_ylabel("reward per completion")
+    total.set_title("GRPO")
+    total.grid(alpha=0.3)
+    total.legend(loc="best", fontsize=8)
+    for name, marker, style in zip(REWARD_NAMES, "os^", ("-", "--", ":"), strict=True):
+        values = [r.get(f"rewards/{name}/mean", float("nan")) for r in rows]
+        parts.plot(steps, values, marker=marker, markersize=4, linestyle=style, label=f"{name} (unweighted)")
+    parts.set_ylabel("mean of each reward")
+    parts.grid(alpha=0.3)
+    parts.legend(loc="best", fontsize=8)
     bottom.plot(steps, [r.get("kl", float("nan")) for r in rows], color="tab:red", label="KL to SFT (k3)")
     bottom.set_ylabel("KL (nats/token)")
     bottom.set_xlabel("optimizer step")
@@ -226,6 +234,8 @@ def plot_rewards(history: list[dict], path: Path) -> Path:
         linestyle="--",
         label="mean completion length",
     )
+    length_ax.set_ylim(0, max_length * 1.05)
+    length_ax.axhline(max_length, color="grey", linewidth=0.8, linestyle=":", label="length limit")
     length_ax.set_ylabel("tokens")
     lines = bottom.get_lines() + length_ax.get_lines()
     bottom.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8)

@@ -20,8 +20,15 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], lis
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot_losses(history: list[dict[str, float]], path: Path, baseline: float | None = None) -> Path:
-    """Training CE, MTP CE per depth and validation loss (nats/token) against optimizer steps."""
+def plot_losses(
+    history: list[dict[str, float]],
+    path: Path,
+    baseline: float | None = None,
+    title: str = "Pretraining loss",
+    boundaries: dict[int, str] | None = None,
+) -> Path:
+    """Training CE, MTP CE per depth and validation loss (nats/token) against optimizer steps; `boundaries` marks
+    steps where something changed ({step: label}, e.g. the start of each extension phase)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = ["train/ce"] + sorted({k for r in history for k in r if k.startswith("train/mtp_loss_depth")}) + ["val/loss"]
     for key in keys:
@@ -30,9 +37,12 @@ def plot_losses(history: list[dict[str, float]], path: Path, baseline: float | N
             ax.plot(steps, values, marker="o" if key == "val/loss" else None, markersize=3, label=key)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", label="unigram baseline (validation)")
+    for step, label in (boundaries or {}).items():
+        ax.axvline(step, color="black", linestyle=":", linewidth=1)
+        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Pretraining loss")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
