@@ -5,18 +5,19 @@ BIN     := $(VENV)/bin
 RECIPE  ?= recipes/tiny.yaml
 RUNS    ?= runs
 SET     ?=
+NAME    ?=
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
 LOCK    := requirements.lock
 TORCH   ?= $(shell grep -E '^torch==' $(LOCK))
 
-.PHONY: setup lock test lint pipeline ablations ui clean-runs help $(STAGES)
+.PHONY: setup lock test lint pipeline ablations ui serve clean-runs help $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  make STAGE      run the flow up to STAGE, one of: $(STAGES)"
-	@echo "  variables: RECIPE=$(RECIPE) RUNS=$(RUNS) SET='--set key=value ...'"
+	@echo "  variables (now): RECIPE=$(RECIPE) RUNS=$(RUNS) SET='$(SET)' NAME='$(NAME)'"
 
 setup: $(VENV)/.installed  ## create .venv and install the locked versions (requirements.lock; torch CPU build here)
 
@@ -52,27 +53,38 @@ test:  ## run the test suite (fast: a few minutes on 2 cores)
 lint:  ## ruff
 	$(BIN)/ruff check dsv3 flows tests benchmarks
 
-pipeline:  ## run every stage of $(RECIPE) through the Prefect flow
+pipeline:  ## run every stage of RECIPE through the Prefect flow (SET='--set k=v' changes it, NAME= names the variant)
 	@mkdir -p $(RUNS)
-	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(SET)
+	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(if $(NAME),--name $(NAME)) $(SET)
 
-ablations:  ## paired tiny pretrainings (recipes/ablations): FP8, balancing, MTP vs the papers -> $(RUNS)/ablations/
+ablations:  ## paired tiny pretrainings (recipes/ablations): FP8, balancing, MTP vs the papers -> RUNS/ablations/
 	@mkdir -p $(RUNS)
 	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS)
 
 $(STAGES):
 	@mkdir -p $(RUNS)
-	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) --until $@ $(SET)
+	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) --until $@ $(if $(NAME),--name $(NAME)) $(SET)
 
 ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)
 	@mkdir -p $(RUNS)
 	@echo "Prefect UI: http://127.0.0.1:4200"
-	@echo "MLflow UI:  http://127.0.0.1:5000"
+	@echo "MLflow UI:  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	@trap 'kill 0' INT TERM EXIT; \
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & \
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port 5000 \
 		> $(RUNS)/mlflow-ui.log 2>&1 & \
 	wait
 
-clean-runs:  ## delete every run, the MLflow database and the Prefect state under $(RUNS)
+serve:  ## the Prefect UI (127.0.0.1:4200) serving the pipeline as a deployment to run from there, and MLflow (5000)
+	@mkdir -p $(RUNS)
+	@echo "Prefect UI: http://127.0.0.1:4200  (Deployments -> dsv3-pipeline / dsv3 -> Run)"
+	@echo "MLflow UI:  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@trap 'kill 0' INT TERM EXIT; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port 5000 \
+		> $(RUNS)/mlflow-ui.log 2>&1 & \
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(DSV3) serve --runs-dir $(RUNS) & \
+	wait
+
+clean-runs:  ## delete every run, the MLflow database and the Prefect state under RUNS
 	rm -rf $(RUNS)

@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import yaml
 
 from dsv3.config import load_recipe
 from dsv3.errors import Failure, Interrupted, classify
+from dsv3.io import write_text_atomic
 
 DEBUG = "DSV3_DEBUG"
 
@@ -65,7 +67,12 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
     if add_commands is not None:
         add_commands(sub)
 
-    show = sub.add_parser("recipe", help="validate a recipe and print it resolved (bases and --set applied)")
+    show = sub.add_parser(
+        "recipe",
+        help="validate a recipe and print it resolved (bases and --set applied)",
+        epilog="example:\n  dsv3 recipe recipes/tiny.yaml --set pretrain.lr_peak=1e-3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     show.add_argument("recipe", help="recipe YAML")
     add_set_option(show)
     show.set_defaults(handler=_show_recipe)
@@ -75,6 +82,8 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         help="write a checkpoint as a transformers deepseek_v3 directory",
         description="Convert a dsv3 save_pretrained directory into one that "
         "transformers.AutoModelForCausalLM.from_pretrained loads as deepseek_v3 (MTP layers after the last layer).",
+        epilog="example:\n  dsv3 export-hf runs/tiny/latest/pretrain/model /tmp/tiny-deepseek-v3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("ckpt", help="dsv3 checkpoint directory (save_pretrained output)")
     export.add_argument("out", help="output directory")
@@ -84,6 +93,8 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         "import-hf",
         help="read a transformers deepseek_v3 directory into a dsv3 checkpoint",
         description="Convert a transformers / DeepSeek deepseek_v3 directory into a dsv3 checkpoint.",
+        epilog="example:\n  dsv3 import-hf /tmp/tiny-deepseek-v3 /tmp/tiny-dsv3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("src", help="deepseek_v3 directory (config.json + safetensors)")
     imp.add_argument("out", help="output directory")
@@ -91,18 +102,45 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
 
     report = sub.add_parser(
         "report",
-        help="write the report card of a run (runs/<recipe>/report.md and report.html)",
-        description="Write runs/<recipe>/report.md and a self-contained report.html (plots embedded): "
+        help="write the report card of a run (runs/<recipe>/<variant>/report.md and report.html)",
+        description="Write runs/<recipe>/<variant>/report.md and a self-contained report.html (plots embedded): "
         "environment, a summary table, and per stage its status, time, tokens, metrics and plots. "
         "Stages that have not run, or did not complete, are shown as missing, running or failed.",
+        epilog="examples:\n  dsv3 report tiny\n  dsv3 report runs/tiny/latest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument(
         "run",
         metavar="RUN",
-        help="run folder (runs/<recipe>), or a recipe name or recipe YAML under --runs-dir",
+        help="a run: its folder (runs/<recipe>/<variant>), <recipe>/<variant>, a recipe name (its latest run) or a recipe YAML",
     )
     add_runs_dir_option(report)
     report.set_defaults(handler=_report)
+
+    runs = sub.add_parser(
+        "runs",
+        help="list the runs: recipe, variant, overrides, each stage's status, headline metrics",
+        description="List every variant folder under --runs-dir, newest first: recipe/variant, when it last ran, its "
+        "overrides, each stage's status (completed, failed, running; * = a health check failed but was not enforced) "
+        "and a few headline metrics.",
+        epilog="example:\n  dsv3 runs --runs-dir runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_runs_dir_option(runs)
+    runs.set_defaults(handler=_runs)
+
+    compare = sub.add_parser(
+        "compare",
+        help="two runs side by side: recipe differences and every stage's headline metrics",
+        description="Print where two runs' resolved recipes differ and each stage's headline metrics side by side "
+        "(B − A), and write the same as an HTML page under <runs-dir>/compare/.",
+        epilog="example (after the examples of dsv3 run --help):\n  dsv3 compare tiny/lr1e-3 tiny",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("a", metavar="A", help="a run: <recipe>/<variant>, a recipe name (its latest) or a folder")
+    compare.add_argument("b", metavar="B", help="the other run")
+    add_runs_dir_option(compare)
+    compare.set_defaults(handler=_compare)
     _add_generation_commands(sub)
     return parser
 
@@ -134,7 +172,7 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set pretrain.lr=3e-4 (repeatable; values parsed as YAML)",
+        help="override a recipe value, e.g. --set pretrain.lr_peak=3e-4 (repeatable; values parsed as YAML)",
     )
 
 
@@ -157,20 +195,59 @@ def _report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _runs(args: argparse.Namespace) -> None:
+    from dsv3.stages import headline
+    from dsv3.stages.runs import list_runs
+
+    found = list_runs(args.runs_dir)
+    if not found:
+        print(f"no runs under {args.runs_dir} yet: dsv3 run --recipe recipes/tiny.yaml")
+        return
+    for run in found:
+        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.get("updated", 0)))
+        stages = " ".join(f"{name}:{run.status(name)}" for name in run.manifests)
+        metrics = {f"{name}/{k}": v for name, m in run.manifests.items() if m for k, v in list(headline(name, m.metrics).items())[:1]}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"{run.label}  ({updated}; overrides: {' '.join(run.info.get('overrides') or []) or 'none'})")
+        print(f"    {stages}")
+        if shown:
+            print(f"    {shown}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from dsv3.report import compare_markdown, markdown_to_html
+    from dsv3.stages.runs import resolve_run, view
+
+    a, b = (view(resolve_run(spec, args.runs_dir)) for spec in (args.a, args.b))
+    text = compare_markdown(a, b)
+    print(text)
+    out = Path(args.runs_dir) / "compare" / f"{a.label}__vs__{b.label}".replace("/", "_")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    html_path = out.with_suffix(".html")
+    write_text_atomic(html_path, markdown_to_html(text, out.parent, f"dsv3: {a.label} vs {b.label}"))
+    print(f"wrote {html_path}")
+
+
 def _add_generation_commands(sub) -> None:
     """`dsv3 generate` and `dsv3 chat` (dsv3.infer.generate): absorbed MLA decoding, optional MTP speculation."""
     generate = sub.add_parser(
         "generate",
         help="stream a continuation of a prompt from a checkpoint",
-        description="Load a checkpoint (a save_pretrained directory with tokenizer files, e.g. runs/tiny/pretrain/model) "
-        "and print the continuation of --prompt token by token. Decoding attends over the compressed MLA cache with "
-        "absorbed up-projections; --speculative drafts with the MTP module and verifies (greedy, same output).",
+        description="Load a checkpoint (a save_pretrained directory with tokenizer files, e.g. runs/tiny/latest/pretrain/"
+        "model) and print the continuation of --prompt token by token. Decoding attends over the compressed MLA cache "
+        "with absorbed up-projections; --speculative drafts with the MTP module and verifies (greedy, same output).",
+        epilog="examples:\n"
+        '  dsv3 generate runs/tiny/latest/pretrain/model --prompt "def main(" --max-new-tokens 32\n'
+        '  dsv3 generate runs/tiny/latest/pretrain/model --prompt "import os" --max-new-tokens 32 --speculative',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chat = sub.add_parser(
         "chat",
         help="talk to a checkpoint through its chat template",
         description="Interactive chat: each line you type is a user turn, the reply streams back; the conversation "
         "is kept and formatted with the tokenizer's chat template. Ends on EOF (Ctrl-D) or 'exit'.",
+        epilog="example:\n  dsv3 chat runs/tiny/latest/sft/model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for parser, default_tokens in ((generate, 128), (chat, 256)):
         parser.add_argument(

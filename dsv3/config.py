@@ -431,6 +431,12 @@ class Recipe(Section):
     """A whole recipe: a name (the run folder under runs/), a seed, and one section per stage."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="letters, digits, _ . -")
+    variant: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$",
+        description="the run's folder runs/<name>/<variant> (dsv3 run --name); null = named by the overrides",
+    )
+    overrides: list[str] = Field(default_factory=list, description="the --set items this recipe was loaded with")
     seed: int = Field(0, ge=0)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     checks: ChecksSection = Field(default_factory=ChecksSection)
@@ -456,11 +462,15 @@ def _dump(section: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file (following `base:` chains), apply `key=value` overrides and validate it."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), variant: str | None = None) -> Recipe:
+    """Read a recipe file (following `base:` chains), apply `key=value` overrides and validate it; `variant` names
+    the run's folder (else the overrides do, see dsv3.stages.runs)."""
     raw = _read_with_bases(Path(path), seen=())
     for item in overrides:
         _apply_override(raw, item)
+    raw["overrides"] = list(overrides)
+    if variant is not None:
+        raw["variant"] = variant
     return validate_recipe(raw)
 
 
@@ -534,7 +544,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3, 1e-3, true, null, [1,2])."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set pretrain.lr=3e-4")
+        raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set pretrain.lr_peak=3e-4")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -30,32 +31,14 @@ from markdown.treeprocessors import Treeprocessor
 
 from dsv3.config import STAGE_ORDER, load_recipe
 from dsv3.io import write_text_atomic
-from dsv3.stages import available_stages
+from dsv3.model import DSV3Config, count_parameters
+from dsv3.stages import available_stages, headline
 from dsv3.stages.manifest import MANIFEST_NAME, Manifest, read_manifest
+from dsv3.stages.runs import RunView, read_run_info, recipe_differences, resolve_run
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 LIBRARIES = ("torch", "lightning", "transformers", "trl", "datasets", "tokenizers", "mlflow", "prefect")
-# The metrics a reader looks for first, in order; a metric named like one of these plus a suffix
-# (`passkey_accuracy_4x`) counts too. Stages whose metrics match none show their first few instead.
-KEY_METRICS = (
-    "val_loss",
-    "validation_loss",
-    "bits_per_byte",
-    "maxvio_global",
-    "mtp_acceptance_rate",
-    "passkey_accuracy",
-    "perplexity",
-    "heldout_accuracy_sft",
-    "heldout_accuracy_rl",
-    "heldout_accuracy",
-    "format_rate",
-    "pair_accuracy",
-    "reward_mean",
-    "bytes_per_token_validation",
-    "vocab_usage_validation",
-)
-SUMMARY_METRICS = 4
 TOKEN_COUNT = re.compile(r"(?:^|_)tokens(?:_seen|_trained|_total)?$")  # counts, not `bytes_per_token`
 IMAGE_TYPES = {
     ".png": "image/png",
@@ -86,17 +69,70 @@ class StageView:
 
 
 def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
-    """The run folder named by `run`: a folder, a recipe YAML (its name under runs_dir) or a recipe name."""
+    """The run folder named by `run`: a variant folder, `<recipe>/<variant>`, a recipe name (its latest variant) or
+    a recipe YAML (the latest variant of its name)."""
     path = Path(run)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return Path(runs_dir) / load_recipe(path).name
-    if path.is_dir():
+        run = load_recipe(path).name
+    if path.is_dir() and any((path / name / MANIFEST_NAME).is_file() for name in STAGE_ORDER):
         return path
-    if (Path(runs_dir) / str(run)).is_dir():
-        return Path(runs_dir) / str(run)
-    raise ValueError(
-        f"{run}: neither a run folder nor a recipe name under {runs_dir} (give runs/<recipe> or --runs-dir)"
+    return resolve_run(run, runs_dir)
+
+
+def trained(run_dir: Path) -> list[tuple[str, str]]:
+    """(label, value) rows of what was trained: recipe, variant and overrides (run.json), data, model shape and
+    parameter counts (the pretrained model's config), tokens per stage (their manifests)."""
+    info = read_run_info(run_dir)
+    resolved = info.get("resolved") or {}
+    rows = [
+        ("recipe", f"{info.get('recipe', run_dir.parent.name)} ({info.get('recipe_path') or 'path unknown'})"),
+        ("variant", run_dir.name),
+        ("overrides", " ".join(info.get("overrides") or []) or "none"),
+        ("seed", str(resolved.get("seed", NONE))),
+    ]
+    data = resolved.get("data") or {}
+    if data:
+        where = {"stdlib": "Python standard library sources", "local": ", ".join(data.get("paths") or [])}
+        rows.append(("data", f"{where.get(data['source'], data.get('hf_name'))}; rows of {data['seq_len']} tokens, FIM rate {data['fim_rate']}"))
+    config = model_config(run_dir)
+    if config is not None:
+        counts = count_parameters(config)
+        rows += [
+            ("model", _model_shape(config)),
+            ("parameters", f"{_count(counts['total'])} total, {_count(counts['active'])} active per token, MTP {_count(counts['mtp'])}"),
+        ]
+    for name in STAGE_ORDER:
+        manifest = read_manifest(run_dir / name)
+        tokens = (manifest.metrics.get("tokens") or manifest.metrics.get("tokens_trained")) if manifest else None
+        if tokens:
+            rows.append((f"tokens ({name})", f"{_count(tokens)}"))
+    return rows
+
+
+def model_config(run_dir: Path) -> DSV3Config | None:
+    """The trained model's config (the latest model folder of the run), or None before pretraining finished."""
+    for name in reversed(STAGE_ORDER):
+        path = run_dir / name / "model" / "config.json"
+        if path.is_file() and json.loads(path.read_text()).get("model_type") == "dsv3":
+            return DSV3Config.from_json_file(path)
+    return None
+
+
+def _model_shape(c: DSV3Config) -> str:
+    moe = c.num_hidden_layers - c.first_k_dense_replace
+    return (
+        f"d = {c.hidden_size}, {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense, {moe} MoE: "
+        f"{c.n_shared_experts} shared + {c.n_routed_experts} routed experts, {c.num_experts_per_tok} active), "
+        f"{c.num_attention_heads} MLA heads (d_c = {c.kv_lora_rank}), MTP depth {c.num_nextn_predict_layers}, "
+        f"vocabulary {c.vocab_size}, RoPE {c.rope_parameters.get('rope_type', 'default')}"
     )
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 def stage_views(run_dir: Path) -> list[StageView]:
@@ -138,22 +174,22 @@ def report_markdown(run_dir: Path, link_plots: bool = True) -> str:
     run_dir = Path(run_dir).resolve()
     views = stage_views(run_dir)
     lines = [
-        f"# Report card: {_md(run_dir.name)}",
+        f"# Report card: {_md(run_dir.parent.name)} / {_md(run_dir.name)}",
         "",
         f"Run folder `{_code(str(run_dir))}`, report written {_utc(time.time())}.",
         "",
-        "## Environment",
-        "",
-        "Hardware and libraries of the machine that wrote this report.",
+        "## What was trained",
         "",
         "| item | value |",
         "|---|---|",
-        *(f"| {_md(label)} | {_md(value)} |" for label, value in environment(views)),
+        *(f"| {_md(label)} | {_md(value)} |" for label, value in trained(run_dir)),
         "",
         "## Summary",
         "",
-        "| stage | status | time | tokens | key metrics |",
-        "|---|---|--:|--:|---|",
+        "The metrics that say whether each stage worked; a failed health check is marked **failed**.",
+        "",
+        "| stage | status | time | metrics |",
+        "|---|---|--:|---|",
         *(_summary_row(view) for view in views),
         "",
     ]
@@ -162,6 +198,48 @@ def report_markdown(run_dir: Path, link_plots: bool = True) -> str:
     lines += [f"{len(done)} of {len(views)} stages completed{total}.", ""]
     for view in views:
         lines += _stage_section(view, run_dir, link_plots)
+    lines += [
+        "## Environment",
+        "",
+        "Hardware and libraries of the machine that wrote this report.",
+        "",
+        "| item | value |",
+        "|---|---|",
+        *(f"| {_md(label)} | {_md(value)} |" for label, value in environment(views)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def compare_markdown(a: RunView, b: RunView) -> str:
+    """Two runs side by side: where their resolved recipes differ, then every stage's headline metrics (B − A)."""
+    lines = [
+        f"# {_md(a.label)} vs {_md(b.label)}",
+        "",
+        "## Recipes",
+        "",
+        "| setting | A | B |",
+        "|---|---|---|",
+        *(f"| {_md(k)} | {_md(va)} | {_md(vb)} |" for k, (va, vb) in recipe_differences(a, b).items()),
+        "",
+        "## Metrics",
+        "",
+        "| stage | metric | A | B | B − A |",
+        "|---|---|--:|--:|--:|",
+    ]
+    for stage in STAGE_ORDER:
+        ma, mb = a.manifests.get(stage), b.manifests.get(stage)
+        shown_a = headline(stage, ma.metrics) if ma else {}
+        shown_b = headline(stage, mb.metrics) if mb else {}
+        for name in list(dict.fromkeys([*shown_a, *shown_b])):
+            va, vb = shown_a.get(name), shown_b.get(name)
+            diff = _value(vb - va, 4) if va is not None and vb is not None else NONE
+            lines.append(f"| {stage} | {_md(name)} | {_value(va, 4) if va is not None else NONE} | "
+                         f"{_value(vb, 4) if vb is not None else NONE} | {diff} |")  # fmt: skip
+        if ma is not None and mb is not None and ma.key == mb.key:
+            lines.append(f"| {stage} | (the same stage folder: shared, not retrained) | | | |")
+    lines += ["", f"Status: A {', '.join(f'{s} {a.status(s)}' for s in a.manifests)}; "
+              f"B {', '.join(f'{s} {b.status(s)}' for s in b.manifests)}.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -192,15 +270,6 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     return write_text_atomic(run_dir / REPORT_MD, text), write_text_atomic(run_dir / REPORT_HTML, page)
 
 
-def key_metrics(metrics: dict[str, float]) -> list[str]:
-    """Up to SUMMARY_METRICS names for the summary: the KEY_METRICS present, else the stage's first few."""
-    names = [n for key in KEY_METRICS for n in sorted(metrics) if n == key or n.startswith(key + "_")]
-    names = list(dict.fromkeys(names))  # a name matched by two keys counts once
-    if not names:
-        names = [n for n in metrics if n != "stage_seconds"]
-    return names[:SUMMARY_METRICS]
-
-
 def token_counts(metrics: dict[str, float]) -> list[str]:
     """Metric names that count tokens (`tokens_seen`, `train_tokens`), training counts first."""
     names = [n for n in metrics if TOKEN_COUNT.search(n) and not re.search(r"mean|per_|_per", n)]
@@ -210,16 +279,13 @@ def token_counts(metrics: dict[str, float]) -> list[str]:
 def _summary_row(view: StageView) -> str:
     link = f"[{view.name}](#stage-{view.name})"
     if view.manifest is None:
-        return f"| {link} | **missing** | {NONE} | {NONE} | {NONE} |"
+        return f"| {link} | **missing** | {NONE} | {NONE} |"
     m = view.manifest
-    status = _status(m)
-    metrics = m.metrics if view.completed or m.failure else {}
-    tokens = token_counts(metrics)
-    keys = " · ".join(f"{_md(n)} {_value(metrics[n], 4)}" for n in key_metrics(metrics))
-    return (
-        f"| {link} | {status} | {_duration(m.duration_s)} | "
-        f"{_value(metrics[tokens[0]], 4) if tokens else NONE} | {keys or NONE} |"
-    )
+    metrics = headline(view.name, m.metrics) if (view.completed or m.failure) and view.built else {}
+    failed = {c["name"] for c in m.failed_checks}
+    shown = " · ".join(f"{_md(n)} {_value(v, 4)}" for n, v in metrics.items())
+    checks = " · ".join(f"**failed** {_md(c)}" for c in sorted(failed))
+    return f"| {link} | {_status(m)} | {_duration(m.duration_s)} | {' · '.join(x for x in (shown, checks) if x) or NONE} |"
 
 
 def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str]:
@@ -269,7 +335,7 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
         f"| started | {_utc(m.started_at)} |",
         f"| finished | {_utc(m.finished_at)} |",
         f"| attempts | {m.attempts} |",
-        *(f"| tokens ({_md(n)}) | {_value(metrics[n])} |" for n in tokens),
+        *(f"| {_md(n)} | {_value(metrics[n])} |" for n in tokens),
         f"| code version | {_md(m.code_version)} |",
         f"| MLflow run | {_md(m.mlflow_run_id or NONE)} |",
         "",
@@ -298,7 +364,7 @@ def _status(m: Manifest) -> str:
 
 def _artifact(stage: str, artifact: str, run_dir: Path, link_plots: bool) -> str:
     rel = f"{stage}/{artifact}"
-    path = (run_dir / rel).resolve()
+    path = Path(os.path.normpath(run_dir / rel))  # lexically: the stage folders are links into the store
     label = _md(rel)
     if not path.is_relative_to(run_dir):
         return f"{label}: outside the run folder, not shown."
@@ -320,7 +386,7 @@ class _EmbedImages(Treeprocessor):
 
     def run(self, root) -> None:
         for img in root.iter("img"):
-            path = (self.run_dir / unquote(img.get("src", ""))).resolve()
+            path = Path(os.path.normpath(self.run_dir / unquote(img.get("src", ""))))
             mime = IMAGE_TYPES.get(path.suffix.lower())
             if mime and path.is_relative_to(self.run_dir) and path.is_file():
                 img.set("src", f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}")

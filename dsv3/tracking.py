@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from dsv3.errors import disk_full
 
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # vs "genai_development"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens in its GenAI view without it
 MAX_PARAM_LENGTH = 6000
 
 
@@ -51,10 +53,23 @@ class Tracker:
         self.parent_id: str | None = None
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id, created if needed; it opens in MLflow's model-training view, not the GenAI one."""
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=(self.runs_dir / "mlartifacts").as_uri())
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(name, artifact_location=(self.runs_dir / "mlartifacts").as_uri())
+        )
+        if found is None or found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return experiment_id
+
+    def run_url(self, run_id: str | None) -> str | None:
+        """The run's page in the MLflow UI (`make ui`, or DSV3_MLFLOW_UI)."""
+        if not run_id:
+            return None
+        base = os.environ.get("DSV3_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
     @contextmanager
     def pipeline_run(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:

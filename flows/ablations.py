@@ -4,10 +4,10 @@
 
 Every `<stem>.yaml` in the recipes folder is one arm of an ablation of dsv3.ablation_report.ABLATIONS (fp8 / bf16,
 loss-free / aux-loss, mtp-on / mtp-off); the two arms of a pair must differ in exactly the ablation's switch. Each
-arm runs its recipe's stages through the manifest runner inside Prefect tasks with the pipeline's manifest-keyed
-cache, so a rerun reuses finished runs. Before a stage runs, a finished stage of an earlier arm with the same key
-(same recipe sections, inputs and code) is copied into the arm's folder, where the runner trusts and skips it: the
-six arms train one tokenizer, and mtp-on (loss-free but for the name) reuses loss-free's pretraining.
+arm runs its recipe's stages through the manifest runner inside Prefect tasks, so a rerun reuses finished runs; a
+stage whose key another arm already finished (same recipe sections, inputs and code) is reused from the stage
+store (dsv3.stages.runs): the six arms train one tokenizer, and mtp-on (loss-free but for the name) reuses
+loss-free's pretraining.
 
 MLflow, one experiment (`dsv3-ablations`): a run `ablations` per flow run; under it one run per arm, tagged
 ablation=<fp8|balancing|mtp> and arm=<stem>, holding the arm's key metrics; under that the stage runs. At the end,
@@ -47,7 +47,8 @@ from dsv3.io import write_json_atomic
 from dsv3.report import markdown_to_html
 from dsv3.stages import pretrain
 from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import adopt_finished_stage, code_version, run_root, stage_code_hash
+from dsv3.stages.runner import code_version, stage_code_hash
+from dsv3.stages.runs import record_run, run_root
 from dsv3.tracking import PARENT_TAG, Tracker
 from flows.pipeline import retry_crashes_only, run_and_publish
 
@@ -114,7 +115,6 @@ def ablations(
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     runs: dict[str, ArmRun | None] = {stem: None for stem in ARMS}
     failures: list[str] = []
-    finished: list[Recipe] = []
     tags = {"dsv3.flow": "ablations", "dsv3.recipes": str(recipes_dir), "dsv3.code_version": code_version()}
     with tracker.pipeline_run("ablations", tags=tags) as top_id:
         for ablation in ABLATIONS:
@@ -124,12 +124,11 @@ def ablations(
                     continue
                 path, recipe = arms[stem]
                 try:
-                    runs[stem] = run_arm(ablation, stem, path, recipe, runs_dir, top_id, finished, acceptance)
+                    runs[stem] = run_arm(ablation, stem, path, recipe, runs_dir, top_id, acceptance)
                 except Exception as err:  # the other arms go on; the flow fails at the end
                     failures.append(f"{stem}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                     logger.error("arm %s failed: %s", stem, failures[-1])
                     continue
-                finished.append(recipe)
         notes = [f"Arm {f} (rerun `make ablations` to resume it)." for f in failures]
         report = publish(runs, Path(runs_dir) / REPORT_DIR, tracker, top_id, notes)
     logger.info("comparison: %s", report)
@@ -165,11 +164,11 @@ def run_arm(
     recipe: Recipe,
     runs_dir: str,
     top_id: str,
-    donors: list[Recipe],
     acceptance: tuple[int, int, int],
 ) -> ArmRun | None:
-    """The arm's stages in order (adopting those a donor arm finished with the same key), then its MTP acceptance
-    rate, in the arm's MLflow run; the arm's finished pretraining, or None when the recipe has no pretrain stage."""
+    """The arm's stages in order (a stage another arm finished with the same key is reused from the stage store),
+    then its MTP acceptance rate, in the arm's MLflow run; the arm's finished pretraining, or None when the recipe
+    has no pretrain stage."""
     logger = get_run_logger()
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     tags = {"ablation": ablation.name, "arm": stem}
@@ -178,10 +177,8 @@ def run_arm(
         tracker.log_params(
             arm_run_id, {ablation.switch: flatten(recipe)[ablation.switch], "seed": recipe.seed}
         )
+        record_run(runs_dir, recipe, path)
         for stage in recipe.pipeline.stages:
-            donor = adopt_finished_stage(stage, recipe, runs_dir, donors)
-            if donor:
-                logger.info("%-9s %-10s reuses the finished stage of %s", stem, stage, donor)
             state = arm_stage_task.with_options(name=f"{stem}-{stage}")(
                 stage, recipe.model_dump(mode="json"), str(runs_dir), arm_run_id, tags, return_state=True
             )

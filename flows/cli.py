@@ -34,15 +34,33 @@ def add_flow_commands(sub) -> None:
         description="Run the recipe's stages in order through the Prefect flow. Finished stages whose recipe "
         "sections, inputs, code and data are unchanged are skipped; a stage that stopped part-way resumes; a stage "
         "that fails its health checks stops the run (exit code 1).",
-        epilog="examples:\n  dsv3 run --recipe recipes/tiny.yaml\n"
-        "  dsv3 run --recipe recipes/smoke.yaml --until tokenizer --set tokenizer.vocab_size=1024",
+        epilog="examples:\n"
+        "  dsv3 run --recipe recipes/tiny.yaml --until tokenizer --set tokenizer.vocab_size=1024\n"
+        "  dsv3 run --recipe recipes/tiny.yaml --until pretrain --name lr1e-3 --set pretrain.lr_peak=1e-3\n"
+        "  dsv3 run --recipe recipes/tiny.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")
     run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
     add_set_option(run)
+    run.add_argument(
+        "--name", help="the variant's folder name, runs/<recipe>/<name> (default: from the overrides and a digest)"
+    )
     add_runs_dir_option(run)
     run.set_defaults(handler=run_pipeline)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the pipeline as a Prefect deployment: start runs from the Prefect UI",
+        description="Register the pipeline as the deployment dsv3-pipeline/dsv3 on the Prefect server at PREFECT_API_URL "
+        "(make serve starts one at http://127.0.0.1:4200 with the MLflow UI beside it) and run the flow runs started "
+        "there — from the UI's Run button, with the parameters recipe_path, until, overrides and name — until "
+        "Ctrl-C.",
+        epilog="example:\n  make serve        # the Prefect and MLflow UIs and this command, together",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_runs_dir_option(serve)
+    serve.set_defaults(handler=serve_pipeline)
 
     ablations = sub.add_parser(
         "ablations",
@@ -81,7 +99,7 @@ def run_ablations(args: argparse.Namespace) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    recipe = load_recipe(args.recipe, args.overrides)  # bad input fails here, before Prefect starts
+    recipe = load_recipe(args.recipe, args.overrides, args.name)  # bad input fails here, before Prefect starts
     from flows.pipeline import stages_to_run
 
     check_data_files(recipe, stages_to_run(recipe, args.until))
@@ -91,13 +109,44 @@ def run_pipeline(args: argparse.Namespace) -> None:
         from flows.pipeline import pipeline
 
         state = pipeline(
-            recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=str(runs_dir), return_state=True
+            recipe_path=args.recipe,
+            overrides=args.overrides,
+            until=args.until,
+            runs_dir=str(runs_dir),
+            name=args.name,
+            return_state=True,
         )
         outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
         raise outcome
     if state.is_failed():
         exit_with(Failure(**outcome["failure"]))
+
+
+
+def serve_pipeline(args: argparse.Namespace) -> None:
+    """Serve the pipeline flow as a deployment until interrupted (needs a Prefect server: PREFECT_API_URL)."""
+    import os
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ValueError("dsv3 serve needs a Prefect server: run `make serve` (or set PREFECT_API_URL to one)")
+    from flows.runtime import wait_until_up
+
+    wait_until_up(api)
+    runs_dir = runs_folder(args.runs_dir)
+    from flows.runtime import prefect_home
+
+    prefect_home(runs_dir)
+    from flows.pipeline import pipeline
+
+    pipeline.serve(
+        name="dsv3",
+        parameters={"recipe_path": "recipes/tiny.yaml", "runs_dir": str(runs_dir)},
+        tags=["dsv3"],
+        description="The dsv3 pipeline: recipe_path (a recipe YAML relative to the repository), until (a stage), "
+        "overrides (a list of key=value), name (the variant's folder). Runs write to " + str(runs_dir) + ".",
+    )
 
 
 if __name__ == "__main__":

@@ -2,21 +2,28 @@
 
 Pure wiring of `dsv3.stages`: the runner decides skip / resume / rerun from each stage's manifest and judges its
 health checks; this flow adds Prefect's view of it — a task per stage with the recipe's retries (for crashes
-only: bad input and failed checks are not retried), a markdown artifact per stage with its metrics, and at the
-end the run's report card (`dsv3.report`) as a Prefect artifact and as files of the MLflow parent run. A stage
-that fails — bad input, a failed health check, a diverged loss, a full disk — ends its task in a Failed state
-with one line saying why (no traceback), the stages after it do not run, and the flow returns a Failed state
-carrying that line; `dsv3 run` prints it and exits non-zero.
+only: bad input and failed checks are not retried), a markdown artifact per stage (in stage order, its MLflow run
+linked), progress lines in the logs, and at the end the run's report card (`dsv3.report`) as a Prefect artifact
+and as files of the MLflow parent run. Flow runs are named `<recipe>-<variant>-<time>` and tagged dsv3, the
+recipe and the variant.
 
-Nothing is cached or persisted by Prefect (its results would be pickles under runs/prefect/): the manifests
-already decide reuse, and a finished stage is skipped in well under a second.
+The MLflow parent run is the row to compare runs by: params for the recipe, its digest, every override and the
+code version; tags for the Prefect flow run and the run folder; and each stage's headline metrics as
+`<stage>/<metric>` (a skipped stage's too, from its manifest).
 
-    dsv3 run --recipe recipes/tiny.yaml [--until tokenizer] [--set key=value ...]
+A stage that fails — bad input, a failed health check, a diverged loss, a full disk — ends its task in a Failed
+state with one line saying why (no traceback), the stages after it do not run, and the flow returns a Failed
+state carrying that line; `dsv3 run` prints it and exits non-zero. Nothing is cached or persisted by Prefect (its
+results would be pickles under runs/prefect/): the manifests decide reuse, and a finished stage is skipped in
+well under a second.
+
+    dsv3 run --recipe recipes/tiny.yaml [--until tokenizer] [--set key=value ...] [--name VARIANT]
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import time
 from dataclasses import asdict
@@ -26,19 +33,27 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from dsv3.config import Recipe, flatten, load_recipe
+from dsv3.config import STAGE_ORDER, Recipe, flatten, load_recipe
 from dsv3.errors import StageFailed, classify
 from dsv3.report import report_markdown, write_report
-from dsv3.stages.runner import code_version, run_root, run_stage
+from dsv3.stages import headline
+from dsv3.stages.lock import runs_lock
+from dsv3.stages.runner import code_version, run_stage
+from dsv3.stages.runs import recipe_digest, record_run, run_root, variant_name
 from dsv3.tracking import Tracker
+
+logging.getLogger("dsv3").setLevel(logging.INFO)  # the training's progress lines reach the flow run's logs
 
 
 def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker, description: str) -> dict[str, Any]:
     """Run one stage through the manifest runner (tracked by `tracker`) and publish its Prefect markdown
     artifact; returns what a stage task returns. Known failures come back as a Failed state (no traceback)."""
     workdir = run_root(runs_dir, recipe) / stage
+    key = artifact_key(recipe, stage)
     try:
         outcome = run_stage(stage, recipe, runs_dir, tracker)
     except Exception as error:
@@ -46,15 +61,15 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
         if failure.kind == "crash":
             raise  # a bug: Prefect shows the traceback
         create_markdown_artifact(
-            key=artifact_key(f"{recipe.name}-{stage}"),
+            key=key,
             markdown=f"# Stage `{stage}` — **failed**\n\n{failure.message}\n\nOutputs: `{workdir}`\n",
             description=description,
         )
         return Failed(message=failure.message, data={"stage": stage, "failure": asdict(failure)})
     m = outcome.manifest
     create_markdown_artifact(
-        key=artifact_key(f"{recipe.name}-{stage}"),
-        markdown=stage_markdown(stage, outcome.action, outcome.workdir, m.metrics, m.mlflow_run_id, outcome.summary),
+        key=key,
+        markdown=stage_markdown(stage, outcome.action, outcome.workdir, m.metrics, tracker.run_url(m.mlflow_run_id), outcome.summary),
         description=description,
     )
     return {
@@ -79,71 +94,116 @@ def stage_task(stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id:
     parsed = Recipe.model_validate(recipe)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{parsed.name}")
     tracker.parent_id = parent_run_id
-    return run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of recipe {parsed.name}")
+    return run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of {parsed.name}/{variant_name(parsed)}")
 
 
-@flow(name="dsv3-pipeline", log_prints=False, persist_result=False)
+def flow_run_name() -> str:
+    """`<recipe>-<variant>-<time>`, from the flow run's parameters."""
+    params = flow_run.parameters
+    recipe = load_recipe(params["recipe_path"], params.get("overrides") or [], params.get("name"))
+    return f"{recipe.name}-{variant_name(recipe)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="dsv3-pipeline", flow_run_name=flow_run_name, log_prints=False, persist_result=False)
 def pipeline(
     recipe_path: str = "recipes/tiny.yaml",
     overrides: list[str] | None = None,
     until: str | None = None,
     runs_dir: str = "runs",
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """tokenizer → pretrain → extend → sft → reward → rl, as far as the recipe (or `until`) says; stops at the
-    first stage that fails and returns a Failed state naming it."""
-    recipe = load_recipe(recipe_path, overrides or [])
+    """tokenizer → pretrain → extend → sft → reward → rl, as far as the recipe (or `until`) says, in the folder
+    runs/<recipe>/<variant> (`name`, or named by the overrides); stops at the first stage that fails and returns a
+    Failed state naming it. Takes the runs folder's lock (already held when `dsv3 run` started it)."""
+    recipe = load_recipe(recipe_path, overrides or [], name)
     stages = stages_to_run(recipe, until)
+    with runs_lock(Path(runs_dir), f"Prefect flow run {flow_run.name} ({recipe_path})"):
+        return run_pipeline(recipe, recipe_path, stages, runs_dir)
+
+
+def run_pipeline(recipe: Recipe, recipe_path: str, stages: list[str], runs_dir: str) -> list[dict[str, Any]] | State:
+    logger = get_run_logger()
+    root = record_run(runs_dir, recipe, recipe_path)
+    tag_flow_run(["dsv3", recipe.name, root.name])
     tracker = Tracker(runs_dir, experiment=f"dsv3-{recipe.name}")
     tracker.close_stale_runs(str(tracker.runs_dir))
     results, failed = [], None
-    logger = get_run_logger()
     tags = {
         "dsv3.recipe": recipe.name,
+        "dsv3.variant": root.name,
         "dsv3.recipe_path": str(recipe_path),
+        "dsv3.run_folder": str(root),
         "dsv3.code_version": code_version(),
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
     }
     try:
-        with tracker.pipeline_run(f"pipeline-{recipe.name}", tags=tags) as parent_id:
-            tracker.log_params(parent_id, flatten(recipe.pipeline, "pipeline") | {"seed": recipe.seed})
-            failed = run_stages(recipe, stages, runs_dir, parent_id, results)
+        with tracker.pipeline_run(f"{recipe.name}/{root.name}", tags=tags) as parent_id:
+            tracker.log_params(parent_id, run_params(recipe, recipe_path))
+            failed = run_stages(recipe, stages, runs_dir, tracker, results)
             if failed and failed["failure"]["kind"] == "disk":  # nothing more can be written: no report, no tags
                 raise OSError(errno.ENOSPC, failed["failure"]["message"])  # the next run closes the parent run
             if stages:
-                logger.info("report:  %s", publish_report(run_root(runs_dir, recipe), tracker, parent_id))
+                logger.info("report:  %s", publish_report(root, recipe, tracker, parent_id))
             if failed:
                 tracker.set_tags(parent_id, {"dsv3.failed_stage": failed["stage"]})
                 raise StageFailed(failed["failure"]["message"])  # the parent run ends FAILED
     except (StageFailed, OSError):
         if not failed:
             raise
-    logger.info("outputs: %s", run_root(runs_dir, recipe))
-    logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.uri, tracker.parent_id)
+    logger.info("outputs: %s", root)
+    logger.info("MLflow:  %s (parent run %s); `make ui` to browse", tracker.run_url(tracker.parent_id), tracker.parent_id)
     if failed:
         return Failed(message=failed["failure"]["message"], data=failed | {"results": results})
     return results
 
 
-def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, parent_id: str, results: list) -> dict | None:
-    """Each stage as a Prefect task, in order, appending their results, until one fails; returns that failure
-    ({"stage", "failure": {"kind", "message"}}) or None."""
+def run_params(recipe: Recipe, recipe_path: str) -> dict[str, Any]:
+    """The parent run's params: what was run, so that MLflow's compare view lines two runs up."""
+    return {
+        "recipe": recipe.name,
+        "recipe_path": str(recipe_path),
+        "variant": variant_name(recipe),
+        "recipe_digest": recipe_digest(recipe),
+        "overrides": " ".join(recipe.overrides) or "(none)",
+        "code_version": code_version(),
+        "seed": recipe.seed,
+    } | {f"set.{item.partition('=')[0]}": item.partition("=")[2] for item in recipe.overrides} | flatten(
+        recipe.pipeline, "pipeline"
+    )
+
+
+def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, tracker: Tracker, results: list) -> dict | None:
+    """Each stage as a Prefect task, in order, appending their results and logging their headline metrics to the
+    parent run, until one fails; returns that failure ({"stage", "failure": {"kind", "message"}}) or None."""
     logger = get_run_logger()
     for stage in stages:
         started = time.time()
         task_with_options = stage_task.with_options(
             name=f"stage-{stage}", retries=recipe.pipeline.retries, retry_delay_seconds=recipe.pipeline.retry_delay_s
         )
-        state = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), parent_id, return_state=True)
+        state = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), tracker.parent_id, return_state=True)
         result = state.result(raise_on_failure=False)
         if state.is_failed():
             failed = result if isinstance(result, dict) else {"stage": stage, "failure": asdict(classify(result))}
             logger.error("%-10s failed: %s", stage, failed["failure"]["message"])
             return failed
         result["seconds"] = time.time() - started
+        tracker.log_metrics(tracker.parent_id, {f"{stage}/{k}": v for k, v in headline(stage, result["metrics"]).items()})
         logger.info("%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"])
-        for name in result["failed_checks"]:
-            logger.warning("%-10s health check %s failed (checks.enforce is false: going on)", stage, name)
+        for check in result["failed_checks"]:
+            logger.warning("%-10s health check %s failed (checks.enforce is false: going on)", stage, check)
         results.append(result)
     return None
+
+
+def tag_flow_run(tags: list[str]) -> None:
+    """Add tags to the running flow run (so that the UI can filter runs by recipe and variant)."""
+    if flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id).tags
+        client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
 
 
 def stages_to_run(recipe: Recipe, until: str | None) -> list[str]:
@@ -155,26 +215,29 @@ def stages_to_run(recipe: Recipe, until: str | None) -> list[str]:
     return stages[: stages.index(until) + 1]
 
 
-def publish_report(run_dir: Path, tracker: Tracker, parent_run_id: str) -> Path:
+def publish_report(root: Path, recipe: Recipe, tracker: Tracker, parent_run_id: str) -> Path:
     """Write the report card, show it as a Prefect markdown artifact, attach both files to the parent run."""
-    md_path, html_path = write_report(run_dir)
+    md_path, html_path = write_report(root)
     create_markdown_artifact(
-        key=artifact_key(f"{run_dir.name}-report"),
-        markdown=report_markdown(run_dir, link_plots=False),
-        description=f"report card of {run_dir}; {html_path.name} there has the plots",
+        key=artifact_key(recipe, "report"),
+        markdown=report_markdown(root, link_plots=False),
+        description=f"report card of {root}; {html_path.name} there has the plots",
     )
     for path in (md_path, html_path):
         tracker.log_artifact(parent_run_id, path)
     return html_path
 
 
-def artifact_key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+def artifact_key(recipe: Recipe, what: str) -> str:
+    """`<recipe>-<variant>-<n>-<stage>`: numbered in stage order (the report last), as Prefect's keys allow."""
+    order = STAGE_ORDER.index(what) + 1 if what in STAGE_ORDER else len(STAGE_ORDER) + 1
+    return re.sub(r"[^a-z0-9-]+", "-", f"{recipe.name}-{variant_name(recipe)}-{order}-{what}".lower()).strip("-")
 
 
-def stage_markdown(stage: str, action: str, workdir: Path, metrics: dict, run_id: str | None, summary: str) -> str:
+def stage_markdown(stage: str, action: str, workdir: Path, metrics: dict, run_url: str | None, summary: str) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
+    run = f"[{run_url}]({run_url})" if run_url else "—"
     return (
-        f"# Stage `{stage}` — {action}\n\nOutputs: `{workdir}`  \nMLflow run: `{run_id}`\n\n"
+        f"# Stage `{stage}` — {action}\n\nOutputs: `{workdir}`  \nMLflow run: {run}\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n{summary}\n"
     )

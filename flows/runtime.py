@@ -21,14 +21,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# Before Prefect reads its settings: its telemetry heartbeat only adds sqlite lock contention.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-import httpx  # noqa: E402
-import prefect  # noqa: E402
-from prefect.events.worker import EventsWorker  # noqa: E402
-from prefect.logging.handlers import APILogWorker  # noqa: E402
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings  # noqa: E402
+import httpx
+import prefect
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 STARTUP_TIMEOUT_S = 180  # a busy 2-core laptop can take over a minute to migrate a fresh database
 SERVER_LOG = "prefect-server.log"
@@ -85,6 +82,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, seconds: float = STARTUP_TIMEOUT_S) -> None:
+    """Wait for a Prefect server someone else started (make serve starts it beside `dsv3 serve`)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url.rstrip('/')}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise ValueError(f"no Prefect server answers at {url} after {seconds:.0f} s: start one (make serve does)")
 
 
 def _wait_until_healthy(server: subprocess.Popen, url: str, log: Path) -> None:

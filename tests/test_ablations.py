@@ -22,6 +22,7 @@ from dsv3.ablation_report import (
 )
 from dsv3.config import RecipeError, flatten, load_recipe
 from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.ablations import EXPERIMENT, ablations, load_arms
 from tests.conftest import RECIPES
@@ -166,7 +167,7 @@ def test_flow_runs_a_pair_reuses_and_reports_missing(tmp_path):
     stage_runs = _stage_runs(client, experiment)
     assert sorted(r.data.tags["dsv3.stage"] for r in stage_runs) == ["pretrain", "pretrain", "tokenizer"]
     assert all(r.data.tags["ablation"] in ("balancing", "mtp") for r in stage_runs)
-    on, free = (read_manifest(runs_dir / f"t-{s}" / "pretrain") for s in ("mtp-on", "loss-free"))
+    on, free = (read_manifest(run_root(runs_dir, load_recipe(recipes / f"{s}.yaml")) / "pretrain") for s in ("mtp-on", "loss-free"))
     assert on.mlflow_run_id == free.mlflow_run_id
     runs = client.search_runs([experiment])
     arm_runs = {

@@ -4,6 +4,8 @@ on stderr naming the file or key, exit code 2, and no traceback anywhere in the 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,9 +13,9 @@ import torch
 from dsv3.data.chat import CHAT_TEMPLATE
 from dsv3.data.tokenizer import EOS, save_tokenizer, train_tokenizer
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
-from dsv3.stages.lock import runs_lock
 from flows.cli import main
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, REPO
+from tests.test_lock import HOLD
 from tests.toy_model import toy_config
 
 SMOKE = str(RECIPES / "smoke.yaml")
@@ -108,9 +110,15 @@ def test_runs_dir_not_writable(tmp_path, capsys):
 
 
 def test_runs_dir_in_use(tmp_path, capsys):
-    with runs_lock(tmp_path, "dsv3 run --recipe other.yaml"):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=os.environ | {"PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
         err = one_line_exit_2(capsys, ["run", "--recipe", SMOKE, "--runs-dir", str(tmp_path)], "is in use by pid")
-    assert f"pid {os.getpid()}" in err and "other.yaml" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"pid {holder.pid}" in err and "recipes/tiny.yaml" in err
 
 
 @pytest.mark.parametrize(

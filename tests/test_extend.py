@@ -21,6 +21,7 @@ from dsv3.model import DSV3ForCausalLM
 from dsv3.stages.extend import yarn_config
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import run_root
 from tests.conftest import RECIPES, REPO
 from tests.toy_model import toy_config
 
@@ -79,7 +80,7 @@ def kill_mid_phase(runs_dir: Path, name: str) -> int:
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}"]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = runs_dir / name / "extend" / "phase1" / "checkpoints" / "last.ckpt"
+    last = run_root(runs_dir, smoke(name)) / "extend" / "phase1" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -91,7 +92,7 @@ def kill_mid_phase(runs_dir: Path, name: str) -> int:
 def test_extend_runs_and_resumes_after_kill(runs_dir):
     name = "smoke-extend"
     assert kill_mid_phase(runs_dir, name) == -signal.SIGKILL
-    workdir = runs_dir / name / "extend"
+    workdir = run_root(runs_dir, smoke(name)) / "extend"
     assert read_manifest(workdir).status == "running"
     assert not (workdir / "model").exists()
     recipe = smoke(name)

@@ -15,6 +15,7 @@ from dsv3.config import load_recipe
 from dsv3.fp8 import FP8BlockwisePrecision, fp8_modules
 from dsv3.model import DSV3ForCausalLM
 from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import run_root
 from tests.conftest import RECIPES, REPO
 from tests.test_fp8_convert import expected_fp8_names
 from tests.test_model import tiny_model
@@ -29,7 +30,7 @@ def kill_after_checkpoint(runs_dir, name: str, overrides: list[str]) -> int:
     args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}", *overrides]
     process = subprocess.Popen(args, env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    last = runs_dir / name / "pretrain" / "checkpoints" / "last.ckpt"
+    last = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", [f"name={name}", *overrides])) / "pretrain" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -48,14 +49,15 @@ def test_plugin_converts_in_place_and_autocasts_bf16():
 
 
 @pytest.mark.slow
-def test_smoke_recipe_trains_in_fp8_and_resumes_after_a_kill(runs_dir):
+def test_smoke_recipe_trains_in_fp8_and_resumes_after_a_kill(tmp_path):
+    runs_dir, killed_runs = tmp_path / "whole", tmp_path / "killed"  # one folder would share the equal stages
     recipe = load_recipe(RECIPES / "smoke.yaml", ["name=fp8-whole", *FP8])
     run_stage("tokenizer", recipe, runs_dir)
     whole = run_stage("pretrain", recipe, runs_dir)
     expected = whole.manifest.metrics
 
-    assert kill_after_checkpoint(runs_dir, "fp8-killed", FP8) == -signal.SIGKILL
-    resumed = run_stage("pretrain", load_recipe(RECIPES / "smoke.yaml", ["name=fp8-killed", *FP8]), runs_dir)
+    assert kill_after_checkpoint(killed_runs, "fp8-killed", FP8) == -signal.SIGKILL
+    resumed = run_stage("pretrain", load_recipe(RECIPES / "smoke.yaml", ["name=fp8-killed", *FP8]), killed_runs)
     assert resumed.action == "resumed"
     got = resumed.manifest.metrics
     assert 0 < got["resumed_from_step"] < got["steps"] == 8

@@ -45,3 +45,14 @@ def test_the_lock_is_released_on_exit_and_on_error(tmp_path):
             raise RuntimeError("stage crashed")
     with runs_lock(tmp_path, "second"):
         pass
+
+
+def test_the_lock_is_reentrant_within_one_process(tmp_path):
+    with runs_lock(tmp_path, "dsv3 run"):
+        with runs_lock(tmp_path, "the flow it starts"):
+            pass
+        other = subprocess.run(  # still held by the outer context, as another process sees it
+            [sys.executable, "-c", HOLD, str(tmp_path)], env=os.environ | {"PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert other.returncode != 0 and f"is in use by pid {os.getpid()}" in other.stderr

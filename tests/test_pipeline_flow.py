@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from dsv3.config import load_recipe
 from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline, stages_to_run
 from tests.conftest import RECIPES
@@ -30,7 +31,7 @@ def _runs(runs_dir):
 def test_flow_runs_skips_and_rebuilds(runs_dir):
     first = pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir))
     assert [r["action"] for r in first] == ["ran"]
-    tokenizer_dir = runs_dir / "smoke" / "tokenizer"
+    tokenizer_dir = run_root(runs_dir, load_recipe(SMOKE, [])) / "tokenizer"
     assert (tokenizer_dir / "tokenizer" / "tokenizer.json").is_file()
     mtime = (tokenizer_dir / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
 
@@ -76,11 +77,12 @@ def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir):
     )
     assert state.is_failed()
     assert state.message.startswith("stage tokenizer failed its health check checks.tokenizer.min_bytes_per_token")
-    assert read_manifest(runs_dir / "smoke" / "tokenizer").status == "failed"
-    assert not (runs_dir / "smoke" / "pretrain").exists()
-    report = (runs_dir / "smoke" / "report.md").read_text()
+    root = run_root(runs_dir, load_recipe(SMOKE, ["checks.tokenizer.min_bytes_per_token=10"]))
+    assert read_manifest(root / "tokenizer").status == "failed"
+    assert not (root / "pretrain").exists()
+    report = (root / "report.md").read_text()
     assert "**failed**: stage tokenizer failed its health check" in report
-    assert 'class="bad"' in (runs_dir / "smoke" / "report.html").read_text()
+    assert 'class="bad"' in (root / "report.html").read_text()
     parents, nested = _runs(runs_dir)
     assert parents[0].info.status == "FAILED" and nested[0].info.status == "FAILED"
     assert nested[0].data.tags["dsv3.checks"] == "failed"
@@ -94,7 +96,7 @@ def test_nothing_under_runs_is_unpickled(runs_dir, tmp_path, monkeypatch):
     assert not (home / "storage").exists() or not any((home / "storage").rglob("*"))
     marker = tmp_path / "pwned"
     bomb = pickle.dumps(_Bomb(str(marker)))
-    planted = [home / "storage" / "result", runs_dir / "smoke" / "tokenizer" / "result.pickle"]
+    planted = [home / "storage" / "result", run_root(runs_dir, load_recipe(SMOKE, [])) / "tokenizer" / "result.pickle"]
     for path in planted:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bomb)
@@ -109,3 +111,31 @@ class _Bomb:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_mlflow_compares_two_pipeline_runs_by_their_parent_runs(runs_dir):
+    """Two variants of smoke (a tokenizer override): their parent runs carry the stages' headline metrics, the
+    overrides, the recipe digest, the code version and the Prefect flow run, as columns of one search_runs table;
+    each stage run names the runs of its inputs."""
+    import mlflow
+
+    pipeline(recipe_path=SMOKE, until="pretrain", overrides=["pretrain.steps=4"], runs_dir=str(runs_dir))
+    pipeline(recipe_path=SMOKE, until="pretrain", overrides=["pretrain.steps=4", "tokenizer.vocab_size=600"],
+             runs_dir=str(runs_dir))  # fmt: skip
+    mlflow.set_tracking_uri(tracking_uri(runs_dir))
+    table = mlflow.search_runs(experiment_names=["dsv3-smoke"], filter_string="tags.`dsv3.variant` != ''")
+    assert len(table) == 2
+    for column in ("metrics.tokenizer/bytes_per_token_validation", "metrics.pretrain/final_val_loss",
+                   "params.overrides", "params.recipe_digest", "params.code_version", "params.set.tokenizer.vocab_size",
+                   "tags.prefect.flow_run_id", "tags.dsv3.run_folder"):  # fmt: skip
+        assert column in table.columns and table[column].notna().any(), column
+    assert set(table["params.overrides"]) == {"pretrain.steps=4", "pretrain.steps=4 tokenizer.vocab_size=600"}
+    assert table["metrics.tokenizer/bytes_per_token_validation"].nunique() == 2
+    client = MlflowClient(tracking_uri(runs_dir))
+    experiment = client.get_experiment_by_name("dsv3-smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    runs = client.search_runs([experiment.experiment_id])
+    tokenizers = {r.info.run_id for r in runs if r.data.tags.get("dsv3.stage") == "tokenizer"}
+    pretrains = [r for r in runs if r.data.tags.get("dsv3.stage") == "pretrain"]
+    assert len(tokenizers) == len(pretrains) == 2
+    assert {r.data.tags["dsv3.input.tokenizer"] for r in pretrains} == tokenizers  # each names its own input

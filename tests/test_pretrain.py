@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from dsv3.config import load_recipe
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import run_root
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES, REPO
 
@@ -37,7 +38,7 @@ def kill_after_checkpoint(runs_dir: Path, name: str) -> int:
     env = os.environ | {"PYTHONPATH": str(REPO)}
     args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}"]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = runs_dir / name / "pretrain" / "checkpoints" / "last.ckpt"
+    last = run_root(runs_dir, smoke(name)) / "pretrain" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -46,7 +47,9 @@ def kill_after_checkpoint(runs_dir: Path, name: str) -> int:
 
 
 @pytest.mark.slow
-def test_kill_resume_equals_uninterrupted_run(runs_dir):
+def test_kill_resume_equals_uninterrupted_run(tmp_path):
+    """Two runs folders: in one the runs would share their (equal) stage folders."""
+    runs_dir, killed_runs = tmp_path / "whole", tmp_path / "killed"
     tracker = Tracker(runs_dir, experiment="dsv3-test-pretrain")
     whole = smoke("smoke-whole")
     run_stage("tokenizer", whole, runs_dir)
@@ -54,10 +57,10 @@ def test_kill_resume_equals_uninterrupted_run(runs_dir):
     assert uninterrupted.action == "ran"
     expected = uninterrupted.manifest.metrics
 
-    assert kill_after_checkpoint(runs_dir, "smoke-killed") == -signal.SIGKILL
-    workdir = runs_dir / "smoke-killed" / "pretrain"
+    assert kill_after_checkpoint(killed_runs, "smoke-killed") == -signal.SIGKILL
+    workdir = run_root(killed_runs, smoke("smoke-killed")) / "pretrain"
     assert read_manifest(workdir).status == "running"  # killed mid-stage, not finished
-    resumed = run_stage("pretrain", smoke("smoke-killed"), runs_dir)
+    resumed = run_stage("pretrain", smoke("smoke-killed"), killed_runs)
     assert resumed.action == "resumed"
     got = resumed.manifest.metrics
     assert 0 < got["resumed_from_step"] < got["steps"]
@@ -82,7 +85,7 @@ def test_kill_resume_equals_uninterrupted_run(runs_dir):
 
     import dsv3.model  # noqa: F401  (registers model_type dsv3)
 
-    model_dir = runs_dir / "smoke-whole" / "pretrain" / "model"
+    model_dir = run_root(runs_dir, whole) / "pretrain" / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer("def f(x):\n    return x", return_tensors="pt").input_ids
@@ -158,7 +161,7 @@ def test_a_nan_learning_rate_stops_training_keeps_the_last_checkpoint_and_a_reru
     monkeypatch.setattr(module, "learning_rate", lambda tokens, total, s: float("nan") if tokens >= 6 * 8 * 64 else real(tokens, total, s))
     with pytest.raises(TrainingDiverged, match=r"training diverged at step 7: the learning rate is nan \(learning rate nan\)"):
         run_stage("pretrain", recipe, runs_dir)
-    workdir = runs_dir / "smoke-nan" / "pretrain"
+    workdir = run_root(runs_dir, recipe) / "pretrain"
     manifest = read_manifest(workdir)
     assert manifest.status == "failed" and manifest.failure["kind"] == "diverged"
     checkpoint = torch.load(workdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -15,9 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dsv3.cli import main  # noqa: E402
 from dsv3.config import STAGE_ORDER, load_recipe  # noqa: E402
-from dsv3.report import REPORT_HTML, REPORT_MD, key_metrics, token_counts, write_report  # noqa: E402
+from dsv3.report import REPORT_HTML, REPORT_MD, token_counts, write_report  # noqa: E402
+from dsv3.stages import headline  # noqa: E402
 from dsv3.stages.manifest import Manifest, StageKey, write_manifest  # noqa: E402
 from dsv3.stages.runner import run_stage  # noqa: E402
+from dsv3.stages.runs import record_run, run_root  # noqa: E402
 from tests.conftest import RECIPES  # noqa: E402
 
 KEY = StageKey("recipe", {}, "code")
@@ -34,14 +36,17 @@ def _manifest(stage: str, status: str, seconds: float, **fields) -> Manifest:
 def run(tmp_path_factory) -> Path:
     """runs/smoke: the real tokenizer stage, a completed pretrain with a plot, a failed sft, a running reward."""
     runs = tmp_path_factory.mktemp("runs")
-    root = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs).workdir.parent
+    recipe = load_recipe(RECIPES / "smoke.yaml")
+    run_stage("tokenizer", recipe, runs)
+    root = record_run(runs, recipe, RECIPES / "smoke.yaml")
+    assert root == run_root(runs, recipe)
     plots = root / "pretrain" / "plots"
     plots.mkdir(parents=True)
     fig, ax = plt.subplots(figsize=(2, 1.5))
     ax.plot([4.0, 3.1, 2.7])
     fig.savefig(plots / "loss curve.png")
     plt.close(fig)
-    metrics = {"val_loss": 2.7182, "tokens_seen": 65536.0, "maxvio_global": 0.25, ODD_NAME: 1.5}
+    metrics = {"final_val_loss": 2.7182, "tokens": 65536.0, "final_val_maxvio_global": 0.25, ODD_NAME: 1.5}
     write_manifest(
         root / "pretrain",
         _manifest("pretrain", "completed", 125.0, metrics=metrics, artifacts=["plots/loss curve.png"]),
@@ -67,10 +72,10 @@ def _summary_row(md: str, stage: str) -> list[str]:
     return [cell.strip() for cell in row.strip("|").split("|")]
 
 
-def test_every_section_is_present(report):
+def test_every_section_is_present(run, report):
     md, html = report
-    assert md.startswith("# Report card: smoke\n")
-    for heading in ["## Environment", "## Summary", *(f"## Stage: {s}" for s in STAGE_ORDER)]:
+    assert md.startswith(f"# Report card: smoke / {run.name}\n")
+    for heading in ["## What was trained", "## Summary", *(f"## Stage: {s}" for s in STAGE_ORDER), "## Environment"]:
         assert f"\n{heading}\n" in md
     for stage in STAGE_ORDER:
         assert f'<h2 id="stage-{stage}">Stage: {stage}</h2>' in html
@@ -84,17 +89,18 @@ def test_completed_stages_show_time_tokens_metrics(report):
     md, _ = report
     tokenizer = _summary_row(md, "tokenizer")
     assert tokenizer[1] == "completed" and tokenizer[2].endswith(" s")
-    assert "bytes_per_token_validation" in tokenizer[4]  # the tokenizer stage's real metric
+    assert "bytes_per_token_validation" in tokenizer[3]  # the tokenizer stage's real headline metric
     assert _summary_row(md, "pretrain") == [
         "[pretrain](#stage-pretrain)",
         "completed",
         "2 min 05 s",
-        "65,536",
-        "val_loss 2.718 · maxvio_global 0.25",
+        "final_val_loss 2.718 · final_val_maxvio_global 0.25 · tokens 65,536",
     ]
     pretrain = _section(md, "pretrain")
-    assert "| tokens (tokens_seen) | 65,536 |" in pretrain
-    assert "| val_loss | 2.7182 |" in pretrain
+    assert "| tokens | 65,536 |" in pretrain
+    assert "| final_val_loss | 2.7182 |" in pretrain
+    trained = md.split("## What was trained", 1)[1].split("## Summary", 1)[0]
+    assert "| variant | " in trained and "| tokens (pretrain) | 65.54K |" in trained
     assert "![pretrain/plots/loss curve.png](pretrain/plots/loss%20curve.png)" in pretrain
 
 
@@ -102,7 +108,7 @@ def test_missing_stage_is_missing_not_zeros(report):
     md, _ = report
     for stage in ("extend", "rl"):
         row = _summary_row(md, stage)
-        assert row[1:] == ["**missing**", "—", "—", "—"]
+        assert row[1:] == ["**missing**", "—", "—"]
         section = _section(md, stage)
         assert section.startswith("**missing**")
         assert not re.search(r"\b\d", section) and "| metric |" not in section
@@ -110,9 +116,9 @@ def test_missing_stage_is_missing_not_zeros(report):
 
 def test_failed_and_running_stages_show_no_metrics(report):
     md, _ = report
-    assert _summary_row(md, "sft")[1:] == ["**failed**", "7.0 s", "—", "—"]
+    assert _summary_row(md, "sft")[1:] == ["**failed**", "7.0 s", "—"]
     assert _section(md, "sft").startswith("**failed** after 7.0 s (attempt 2)")
-    assert _summary_row(md, "reward")[1:] == ["**running**", "—", "—", "—"]
+    assert _summary_row(md, "reward")[1:] == ["**running**", "—", "—"]
     assert _section(md, "reward").startswith("**running** since ")
     for stage in ("sft", "reward"):
         assert "### Metrics" not in _section(md, stage)
@@ -127,17 +133,16 @@ def test_html_embeds_plots_and_escapes_text(run, report):
     assert "<td>&lt;b&gt;x&amp;y&lt;/b&gt;|z</td>" in html  # the pipe stays in its cell
 
 
-def test_key_metrics_and_token_counts_pick_known_names():
-    metrics = {"lr": 1e-3, "passkey_accuracy_4x": 0.9, "val_loss": 3.0, "bytes_per_token": 4.0}
-    assert key_metrics(metrics) == ["val_loss", "passkey_accuracy_4x"]
-    assert key_metrics({"b": 1.0, "a": 2.0, "stage_seconds": 3.0}) == ["b", "a"]
+def test_headline_metrics_and_token_counts_pick_known_names():
+    metrics = {"lr": 1e-3, "passkey_accuracy_after_L1024": 0.1, "passkey_accuracy_after_L256": 0.9, "final_val_loss": 3.0}
+    assert list(headline("extend", metrics)) == ["final_val_loss", "passkey_accuracy_after_L256", "passkey_accuracy_after_L1024"]
     counts = {"val_tokens": 1.0, "tokens_seen": 2.0, "bytes_per_token": 3.0, "tokens_per_second": 4.0}
     counts |= {"heldout_mean_completion_tokens": 65.0, "tokens_per_s_median": 3000.0}
     assert token_counts(counts) == ["tokens_seen", "val_tokens"]
 
 
 def test_cli_report_by_recipe_name(run, capsys):
-    main(["report", "smoke", "--runs-dir", str(run.parent)])
+    main(["report", "smoke", "--runs-dir", str(run.parent.parent)])
     assert capsys.readouterr().out.splitlines() == [f"wrote {run / REPORT_MD}", f"wrote {run / REPORT_HTML}"]
 
 
@@ -146,7 +151,7 @@ def test_cli_report_without_manifests_exits_2(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no stage manifest" in err
+    assert err.count("\n") == 1 and "no run of that name" in err
     assert not (tmp_path / REPORT_MD).exists() and not (tmp_path / REPORT_HTML).exists()
 
 

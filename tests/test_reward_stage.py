@@ -26,6 +26,7 @@ from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest
 from dsv3.stages.post_training import last_checkpoint
 from dsv3.stages.pretrain import model_config
 from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import run_root
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES, REPO
 
@@ -54,9 +55,9 @@ def sft_model(tmp_path_factory) -> Path:
     return folder
 
 
-def fake_stage(runs_dir: Path, recipe_name: str, stage: str, model: Path) -> None:
-    """A completed `stage` whose output `model/` is a copy of `model`."""
-    workdir = runs_dir / recipe_name / stage
+def fake_stage(runs_dir: Path, recipe, stage: str, model: Path) -> None:
+    """A completed `stage` of the recipe's run whose output `model/` is a copy of `model`."""
+    workdir = run_root(runs_dir, recipe) / stage
     shutil.copytree(model, workdir / "model")
     manifest = Manifest(stage, "completed", StageKey("test", {}, "test"), "test")
     manifest.outputs = hash_outputs(workdir, ["model"])
@@ -69,7 +70,7 @@ def kill_after_checkpoint(stage: str, runs_dir: Path, overrides: list[str]) -> i
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", KILLABLE_RUN, stage, str(RECIPES / "smoke.yaml"), str(runs_dir), *overrides]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = runs_dir / "smoke" / stage / "checkpoints"
+    checkpoints = run_root(runs_dir, smoke(*overrides)) / stage / "checkpoints"
     deadline = time.time() + 180
     while last_checkpoint(checkpoints) is None and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -112,9 +113,9 @@ def test_stage_resumes_after_kill_and_ranks_easy_pairs_above_chance(runs_dir, sf
         "reward.save_steps=2",
     ]
     recipe = smoke(*overrides)
-    fake_stage(runs_dir, recipe.name, "sft", sft_model)
+    fake_stage(runs_dir, recipe, "sft", sft_model)
     killed_at = kill_after_checkpoint("reward", runs_dir, overrides)
-    workdir = runs_dir / recipe.name / "reward"
+    workdir = run_root(runs_dir, recipe) / "reward"
     assert read_manifest(workdir).status == "running" and not (workdir / "model").exists()
     pairs_written = (workdir / reward.PAIRS).read_bytes()
 
@@ -135,7 +136,7 @@ def test_stage_resumes_after_kill_and_ranks_easy_pairs_above_chance(runs_dir, sf
     assert metrics["heldout_pair_accuracy"] > 0.5
     assert (workdir / reward.PLOT).stat().st_size > 0
 
-    logged = MlflowClient(tracker.uri).get_metric_history(outcome.manifest.mlflow_run_id, "accuracy")
+    logged = MlflowClient(tracker.uri).get_metric_history(outcome.manifest.mlflow_run_id, "train/accuracy")
     steps = sorted(m.step for m in logged)
     assert steps and steps[0] > metrics["resumed_from_step"] and steps[-1] == metrics["train_steps"]
     model = DSV3ForSequenceClassification.from_pretrained(workdir / "model")

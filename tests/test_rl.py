@@ -14,6 +14,7 @@ from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
 from dsv3.stages import rl
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import run_root
 from dsv3.tracking import Tracker
 from tests.test_reward_stage import fake_stage, kill_after_checkpoint, sft_model, smoke  # noqa: F401
 
@@ -69,10 +70,10 @@ def test_advantages_are_group_normalised_rewards_and_kl_starts_at_zero(sft_model
 def test_stage_resumes_after_kill_and_compares_sft_with_rl(runs_dir, sft_model, reward_model):  # noqa: F811
     overrides = ["rl.steps=6", "rl.save_steps=2"]
     recipe = smoke(*overrides)
-    fake_stage(runs_dir, recipe.name, "sft", sft_model)
-    fake_stage(runs_dir, recipe.name, "reward", reward_model)
+    fake_stage(runs_dir, recipe, "sft", sft_model)
+    fake_stage(runs_dir, recipe, "reward", reward_model)
     killed_at = kill_after_checkpoint("rl", runs_dir, overrides)
-    workdir = runs_dir / recipe.name / "rl"
+    workdir = run_root(runs_dir, recipe) / "rl"
     assert read_manifest(workdir).status == "running" and not (workdir / "model").exists()
 
     tracker = Tracker(runs_dir, experiment="dsv3-test-rl")
@@ -90,7 +91,7 @@ def test_stage_resumes_after_kill_and_compares_sft_with_rl(runs_dir, sft_model, 
 
     client = MlflowClient(tracker.uri)
     for name in [f"rewards/{n}/mean" for n in rl.REWARD_NAMES] + ["kl", "completions/mean_length"]:
-        steps = sorted(m.step for m in client.get_metric_history(outcome.manifest.mlflow_run_id, name))
+        steps = sorted(m.step for m in client.get_metric_history(outcome.manifest.mlflow_run_id, f"train/{name}"))
         assert steps == list(range(int(metrics["resumed_from_step"]) + 1, 7)), name
     rl_model = DSV3ForCausalLM.from_pretrained(workdir / "model")
     assert AutoTokenizer.from_pretrained(workdir / "model").chat_template

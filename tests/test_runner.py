@@ -18,6 +18,7 @@ from dsv3.stages import StageResult, get_stage
 from dsv3.stages import runner as runner_module
 from dsv3.stages.manifest import MANIFEST_NAME, read_manifest
 from dsv3.stages.runner import StageInputError, run_stage
+from dsv3.stages.runs import run_root
 from tests.conftest import RECIPES
 
 COUNTING_STAGE = textwrap.dedent(
@@ -121,7 +122,7 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, runs_dir):
     env = os.environ | {"DIE_AT_STEP": "4"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    workdir = runs_dir / "smoke" / "tokenizer"
+    workdir = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml")) / "tokenizer"
     assert read_manifest(workdir).status == "running"
     assert json.loads((workdir / "ckpt.json").read_text())["step"] == 4
 
@@ -139,7 +140,7 @@ def test_failed_stage_is_marked_failed(stage, runs_dir, monkeypatch):
     monkeypatch.setattr(stage, "run", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         run_stage("tokenizer", recipe, runs_dir)
-    assert read_manifest(runs_dir / "smoke" / "tokenizer").status == "failed"
+    assert read_manifest(run_root(runs_dir, recipe) / "tokenizer").status == "failed"
 
 
 def test_stage_without_its_input_is_refused(runs_dir):
@@ -187,14 +188,14 @@ def test_failed_check_fails_the_stage_keeps_outputs_and_is_rejudged_not_rerun(st
     recipe = load_recipe(RECIPES / "smoke.yaml", ["checks.tokenizer.min_bytes_per_token=1.5"])
     with pytest.raises(StageFailed, match=r"stage tokenizer failed its health check checks.tokenizer.min_bytes_per_token: measured 1, needs ≥ 1.5"):
         run_stage("tokenizer", recipe, runs_dir)
-    workdir = runs_dir / "smoke" / "tokenizer"
+    workdir = run_root(runs_dir, recipe) / "tokenizer"
     manifest = read_manifest(workdir)
     assert manifest.status == "failed" and manifest.failure["kind"] == "check"
     assert (workdir / "result.txt").is_file() and manifest.outputs  # kept for inspection
     downstream = types.SimpleNamespace(SECTIONS=("model",), INPUTS=("tokenizer",))
     monkeypatch.setattr(runner_module, "get_stage", lambda name: downstream if name == "pretrain" else stage)
     with pytest.raises(StageInputError, match="needs the output of tokenizer"):  # nothing after it runs
-        runner_module.stage_key("pretrain", recipe, runs_dir / "smoke")
+        runner_module.stage_key("pretrain", recipe, run_root(runs_dir, recipe))
 
     with pytest.raises(StageFailed):  # same recipe: the same verdict, without training again
         run_stage("tokenizer", recipe, runs_dir)
@@ -236,7 +237,7 @@ def test_a_diverged_stage_resumes_after_a_fix_to_its_tunable_section(stage, runs
     monkeypatch.setattr(stage, "run", diverging)
     with pytest.raises(TrainingDiverged, match="step 6"):
         run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs_dir)
-    assert read_manifest(runs_dir / "smoke" / "tokenizer").failure["kind"] == "diverged"
+    assert read_manifest(run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml")) / "tokenizer").failure["kind"] == "diverged"
     fixed = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml", ["model.hidden_size=48"]), runs_dir)
     assert fixed.action == "resumed" and fixed.manifest.metrics["resumed_at"] == 5
 
@@ -253,7 +254,7 @@ def test_interrupt_and_full_disk_are_recorded_and_resume(stage, runs_dir, monkey
         monkeypatch.setattr(stage, "run", lambda *a, error=error: (_ for _ in ()).throw(error))
         with pytest.raises(type(error)):
             run_stage("tokenizer", recipe, runs_dir)
-        manifest = read_manifest(runs_dir / "smoke" / "tokenizer")
+        manifest = read_manifest(run_root(runs_dir, recipe) / "tokenizer")
         assert manifest.status == "failed" and manifest.failure["kind"] == kind
     monkeypatch.setattr(stage, "run", real_run)
     resumed = run_stage("tokenizer", recipe, runs_dir)

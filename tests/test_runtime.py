@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dsv3.config import load_recipe
 from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runs import run_root
 from tests.conftest import RECIPES, REPO
 
 
@@ -40,7 +42,8 @@ def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
     process = subprocess.Popen(
         command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
-    checkpoint = runs_dir / "smoke" / "pretrain" / "checkpoints" / "last.ckpt"
+    root = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", ["pretrain.steps=400"]))
+    checkpoint = root / "pretrain" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -55,5 +58,5 @@ def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
     assert "Traceback" not in output
     time.sleep(1)
     assert servers_of(runs_dir) == []
-    manifest = read_manifest(runs_dir / "smoke" / "pretrain")
+    manifest = read_manifest(root / "pretrain")
     assert manifest.status == "failed" and manifest.failure["kind"] == "interrupted"

@@ -26,6 +26,7 @@ from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest
 from dsv3.stages.post_training import last_checkpoint
 from dsv3.stages.pretrain import model_config
 from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import run_root
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES, REPO
 
@@ -140,9 +141,9 @@ def test_labels_cover_exactly_the_assistant_tokens(trainer):
     assert turns_seen == 2  # the two-turn chat file was checked too
 
 
-def fake_pretrain_stage(runs_dir: Path, recipe_name: str, pretrained: Path) -> None:
-    """A completed pretrain stage whose output is the `pretrained` folder."""
-    workdir = runs_dir / recipe_name / "pretrain"
+def fake_pretrain_stage(runs_dir: Path, recipe, pretrained: Path) -> None:
+    """A completed pretrain stage of the recipe's run whose output is the `pretrained` folder."""
+    workdir = run_root(runs_dir, recipe) / "pretrain"
     shutil.copytree(pretrained, workdir / "model")
     manifest = Manifest("pretrain", "completed", StageKey("test", {}, "test"), "test")
     manifest.outputs = hash_outputs(workdir, ["model"])
@@ -154,7 +155,7 @@ def kill_after_checkpoint(runs_dir: Path, overrides: list[str]) -> int:
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), *overrides]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = runs_dir / "smoke" / "sft" / sft.CHECKPOINTS
+    checkpoints = run_root(runs_dir, smoke(*overrides)) / "sft" / sft.CHECKPOINTS
     deadline = time.time() + 120
     while last_checkpoint(checkpoints) is None and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -166,9 +167,9 @@ def kill_after_checkpoint(runs_dir: Path, overrides: list[str]) -> int:
 def test_stage_resumes_after_kill_and_logs_to_its_mlflow_run(runs_dir, pretrained):
     overrides = ["sft.train_problems=100", "sft.log_steps=1", "pipeline.stages=[tokenizer,pretrain,sft]"]
     recipe = smoke(*overrides)
-    fake_pretrain_stage(runs_dir, recipe.name, pretrained)
+    fake_pretrain_stage(runs_dir, recipe, pretrained)
     killed_at = kill_after_checkpoint(runs_dir, overrides)
-    workdir = runs_dir / recipe.name / "sft"
+    workdir = run_root(runs_dir, recipe) / "sft"
     assert read_manifest(workdir).status == "running" and not (workdir / "model").exists()
 
     tracker = Tracker(runs_dir, experiment="dsv3-test-sft")
@@ -183,7 +184,7 @@ def test_stage_resumes_after_kill_and_logs_to_its_mlflow_run(runs_dir, pretraine
     assert metrics["train_loss_final"] < metrics["train_loss_first"]
     assert (workdir / sft.LOSS_PLOT).stat().st_size > 0
 
-    logged = MlflowClient(tracker.uri).get_metric_history(outcome.manifest.mlflow_run_id, "loss")
+    logged = MlflowClient(tracker.uri).get_metric_history(outcome.manifest.mlflow_run_id, "train/loss")
     steps = sorted(m.step for m in logged)
     assert steps and steps[0] > metrics["resumed_from_step"] and steps[-1] == metrics["train_steps"]
     model = DSV3ForCausalLM.from_pretrained(workdir / "model")
@@ -221,10 +222,10 @@ def test_sft_with_zero_learning_rate_fails_its_format_check_and_nothing_after_it
     overrides = ["pipeline.stages=[tokenizer,pretrain,sft,reward]", "sft.lr_peak=0", "sft.lr_final=0", "sft.epochs=1",
                  "checks.sft.min_format_rate=0.5"]  # fmt: skip
     recipe = smoke(*overrides)
-    fake_pretrain_stage(runs_dir, recipe.name, pretrained)
+    fake_pretrain_stage(runs_dir, recipe, pretrained)
     with pytest.raises(StageFailed, match=r"^stage sft failed its health check checks.sft.min_format_rate: measured 0, needs ≥ 0.5"):
         run_stage("sft", recipe, runs_dir)
-    workdir = runs_dir / recipe.name / "sft"
+    workdir = run_root(runs_dir, recipe) / "sft"
     assert read_manifest(workdir).status == "failed" and (workdir / "model" / "model.safetensors").is_file()
     with pytest.raises(StageInputError, match="needs the output of sft"):
-        stage_key("reward", recipe, runs_dir / recipe.name)
+        stage_key("reward", recipe, run_root(runs_dir, recipe))

@@ -1,6 +1,8 @@
 """Pipeline stages. Each stage is a module `dsv3.stages.<name>` exposing
 
     SECTIONS: tuple[str, ...]   recipe sections whose values decide its output (hashed into its key)
+    HEADLINE: tuple[str, ...]   the metrics that say whether it worked (a name ending in "_" is a prefix): the
+              report card's summary and the MLflow parent run show these
     INPUTS:   tuple[str, ...]   upstream stages whose outputs it reads — or, when that depends on the
               recipe, a function `inputs(recipe) -> tuple[str, ...]` instead
     run(recipe, workdir, inputs) -> StageResult
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -59,3 +62,14 @@ def check_data_files(recipe, stages: list[str]) -> None:
                 raise InputError(
                     f"{path} does not exist (the {name} stage reads it; paths are relative to the working directory)"
                 )
+
+
+def headline(name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The stage's HEADLINE metrics present in `metrics`, in HEADLINE order (an entry ending in "_" is a prefix)."""
+    wanted = getattr(get_stage(name), "HEADLINE", ())
+    return {
+        k: metrics[k]
+        for entry in wanted
+        for k in sorted(metrics, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        if (k.startswith(entry) if entry.endswith("_") else k == entry)
+    }

@@ -24,10 +24,22 @@ from dsv3.errors import InputError
 LOCK_NAME = ".lock"
 
 
+_HELD: dict[Path, int] = {}  # lock files this process holds, and how many contexts hold each (re-entrant)
+
+
 @contextmanager
 def runs_lock(runs_dir: Path, command: str) -> Iterator[None]:
-    """Hold `<runs_dir>/.lock` exclusively while the context is open; InputError if another run holds it."""
-    path = Path(runs_dir) / LOCK_NAME
+    """Hold `<runs_dir>/.lock` exclusively while the context is open; InputError if another run holds it. Nested
+    use in one process (`dsv3 run` takes it, then the flow it starts) holds it once."""
+    path = (Path(runs_dir) / LOCK_NAME).resolve()
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield
+        finally:
+            _HELD[path] -= 1
+        return
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -37,9 +49,11 @@ def runs_lock(runs_dir: Path, command: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD[path] = 1
         try:
             yield
         finally:
+            del _HELD[path]
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing drops the flock

@@ -9,6 +9,7 @@ the stage's MLflow run through transformers' MLflowCallback (the runner points M
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -17,11 +18,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import MLflowCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from dsv3.config import ProblemsSection
 from dsv3.data.math_tasks import generate_problems
 from dsv3.tracking import stage_run
+
+PROGRESS = logging.getLogger("dsv3.train")
 
 
 def recipe_problems(cfg: ProblemsSection, split: str, seed: int) -> list[dict]:
@@ -42,9 +46,36 @@ def shared_arguments(stage: str, output_dir: Path, seed: int, save_steps: int, l
         "save_total_limit": 2,
         "logging_steps": log_steps,
         "logging_first_step": True,
-        "report_to": ["mlflow"] if stage_run() else [],
+        "report_to": [],  # MLflow through MLflowUnderTrain (attach_logging), progress through ProgressLog
         "dataloader_num_workers": 0,
     }
+
+
+class MLflowUnderTrain(MLflowCallback):
+    """transformers' MLflow callback with every metric under `train/`, as the training loop names its own (TRL
+    logs `loss`, `entropy`, `epoch`, ... unprefixed)."""
+
+    def on_log(self, args, state, control, logs, model=None, **kwargs):
+        super().on_log(args, state, control, {f"train/{k}": v for k, v in logs.items()}, model=model, **kwargs)
+
+
+class ProgressLog(TrainerCallback):
+    """One line per logging step on the `dsv3.train` logger: what Prefect shows in the flow run's logs."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in (logs or {}).items() if isinstance(v, int | float))
+        PROGRESS.info("%s step %d/%d: %s", self.stage, state.global_step, state.max_steps, shown)
+
+
+def attach_logging(trainer: Trainer, stage: str) -> Trainer:
+    """Progress lines always; metrics into the stage's MLflow run when one is open (dsv3.tracking.stage_run)."""
+    trainer.add_callback(ProgressLog(stage))
+    if stage_run():
+        trainer.add_callback(MLflowUnderTrain())
+    return trainer
 
 
 class ResumeStep(TrainerCallback):

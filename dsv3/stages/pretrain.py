@@ -37,6 +37,7 @@ from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config
 from dsv3.stages import StageResult
 from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.stages.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import FitResult, LoopSettings, fit
 from dsv3.train.data import validation_subset
@@ -46,6 +47,7 @@ from dsv3.train.plots import plot_expert_load, plot_losses, plot_max_violation
 SECTIONS = ("data", "model", "pretrain")
 INPUTS = ("tokenizer",)
 OUTPUT = "model"
+HEADLINE = ("final_val_loss", "unigram_val_loss", "final_val_bits_per_byte", "final_val_maxvio_global", "tokens", "tokens_per_s_median")
 TUNABLE = ("pretrain",)  # a diverged run resumes from its last checkpoint after a fix to this section
 CHECKPOINTS = "checkpoints"
 RESULT = "train_result.json"
@@ -65,9 +67,9 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     started = time.perf_counter()
     settings = LoopSettings.from_pretrain(recipe.pretrain)
     if settings.world_size > 1 and not inside_torchrun():
-        launch_torchrun(recipe, workdir, settings.devices, settings.num_nodes)
+        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes)
     else:
-        train_rank(recipe, workdir.parent.parent)
+        train_rank(recipe, workdir, inputs)
     seconds = time.perf_counter() - started
     result = json.loads((workdir / RESULT).read_text())
     return stage_result(recipe, workdir, result, train_rows, val_rows, tokenizer, seconds)
@@ -86,7 +88,7 @@ def check_recipe(recipe: Recipe) -> None:
 def lm_datasets(recipe: Recipe, tokenizer: Tokenizer, workdir: Path) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Packed training rows (FIM and punctuation splitting at the recipe's rates) and plain validation rows."""
     corpus = recipe_corpus(recipe.data)
-    cache = workdir.parent / "cache"
+    cache = shared_cache(workdir)
     data = recipe.data
     train_rows = build_lm_dataset(
         corpus["train"], tokenizer, data.seq_len, data.fim_rate, data.split_punctuation_rate, recipe.seed, cache
@@ -111,11 +113,10 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> DSV3Config:
     )
 
 
-def train_rank(recipe: Recipe, runs_dir: Path) -> None:
+def train_rank(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> None:
     """Train in this process — one rank of a torchrun job, or the only process — resuming from last.ckpt; rank 0
     saves the model and the run's result, every rank its router biases (to check they agree)."""
-    root = Path(runs_dir) / recipe.name
-    workdir, tokenizer_dir = root / "pretrain", root / "tokenizer" / "tokenizer"
+    tokenizer_dir = inputs["tokenizer"] / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
     train_rows, val_rows = lm_datasets(recipe, tokenizer, workdir)
     config = model_config(recipe, tokenizer)

@@ -47,6 +47,7 @@ from dsv3.stages import StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
+    attach_logging,
     recipe_problems,
     resume_checkpoint,
     shared_arguments,
@@ -56,6 +57,7 @@ from dsv3.stages.post_training import (  # noqa: E402
 SECTIONS = ("reward",)
 INPUTS = ("sft",)
 OUTPUT = "model"
+HEADLINE = ("heldout_pair_accuracy", "heldout_pair_accuracy_before", "train_loss_final")
 CHECKPOINTS = "checkpoints"
 PAIRS = "pairs.json"
 PLOT = "reward_training.png"
@@ -78,6 +80,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         train_dataset=datasets.Dataset.from_list(pairs["train"]),
         processing_class=tokenizer,
     )
+    attach_logging(trainer, "reward")
     start = ResumeStep()
     trainer.add_callback(start)
     started = time.perf_counter()

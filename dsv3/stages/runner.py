@@ -27,7 +27,6 @@ from typing import Literal
 import dsv3
 from dsv3.config import Recipe, flatten
 from dsv3.errors import StageFailed, classify
-from dsv3.io import atomic_dir
 from dsv3.stages import StageResult, get_stage, stage_inputs
 from dsv3.stages.fingerprint import content_hash
 from dsv3.stages.health import judge
@@ -41,6 +40,7 @@ from dsv3.stages.manifest import (
     read_manifest,
     write_manifest,
 )
+from dsv3.stages.runs import link_stage, run_root, store
 from dsv3.tracking import Tracker
 
 
@@ -55,11 +55,6 @@ class StageOutcome:
     manifest: Manifest
     workdir: Path
     summary: str = ""
-
-
-def run_root(runs_dir: str | Path, recipe: Recipe) -> Path:
-    """`runs/<recipe name>/`: every stage's folder lives here."""
-    return Path(runs_dir).resolve() / recipe.name
 
 
 def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
@@ -175,9 +170,10 @@ def run_stage(
     """Skip, resume or run stage `name` of `recipe`, writing its manifest, tracking it and judging its checks."""
     module = get_stage(name)
     root = run_root(runs_dir, recipe)
-    workdir = root / name
     key = stage_key(name, recipe, root)
-    previous = read_manifest(workdir)
+    fixed = fixed_hash(module, recipe, key)
+    workdir, previous = stage_folder(runs_dir, name, key, fixed, root / name)
+    link_stage(root, name, workdir)
 
     if is_trusted(previous, key, workdir) or (
         previous is not None
@@ -193,7 +189,6 @@ def run_stage(
             tracker.mark_reused(name, previous.mlflow_run_id)
         return StageOutcome(name, action, previous, workdir)
 
-    fixed = fixed_hash(module, recipe, key)
     resuming = previous is not None and previous.status in ("running", "failed") and (
         previous.key == key
         or (previous.failure is not None and previous.failure["kind"] == "diverged" and previous.fixed_hash == fixed)
@@ -218,7 +213,8 @@ def run_stage(
         result = _execute(name, module, recipe, workdir, inputs, manifest)
         raise_if_failed(manifest)
     else:
-        with tracker.stage_run(name, params, tags={"dsv3.output_dir": str(workdir)}) as run_id:
+        lineage = {f"dsv3.input.{u}": (read_manifest(folder) or manifest).mlflow_run_id or "" for u, folder in inputs.items()}
+        with tracker.stage_run(name, params, tags={"dsv3.output_dir": str(workdir), **lineage}) as run_id:
             manifest.mlflow_run_id = run_id
             result = _execute(name, module, recipe, workdir, inputs, manifest)
             tracker.log_metrics(run_id, manifest.metrics)
@@ -228,6 +224,27 @@ def run_stage(
             tracker.set_tags(run_id, {"dsv3.checks": checks_tag(manifest)})
             raise_if_failed(manifest)  # inside the run: MLflow marks it FAILED
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
+
+
+def stage_folder(runs_dir, name: str, key: StageKey, fixed: str, current: Path) -> tuple[Path, Manifest | None]:
+    """The store folder stage `name` runs in for `key`, and its manifest: one that finished (or failed its checks)
+    with this key; else one that stopped part-way with it, or diverged under the same fixed sections (this
+    variant's own first); else a new folder named by the key. `current` is where the variant's link points now."""
+    folders = [current] if current.exists() else []
+    folders += [f for f in sorted(store(runs_dir, name).glob("*")) if f.is_dir() and f.resolve() != current.resolve()]
+    manifests = [(f, read_manifest(f)) for f in folders]
+    done = [(f, m) for f, m in manifests if m is not None and m.key == key and (m.status == "completed" or m.failure)]
+    for folder, manifest in done:
+        if outputs_intact(manifest, folder) and (manifest.status == "completed" or manifest.failure["kind"] == "check"):
+            return folder, manifest
+    for folder, manifest in manifests:
+        if manifest is not None and manifest.status in ("running", "failed") and (
+            manifest.key == key
+            or (manifest.failure is not None and manifest.failure["kind"] == "diverged" and manifest.fixed_hash == fixed)
+        ):
+            return folder, manifest
+    folder = store(runs_dir, name) / key.digest()[:16]
+    return folder, read_manifest(folder)
 
 
 def judge_into(name: str, manifest: Manifest, recipe: Recipe) -> None:
@@ -289,22 +306,3 @@ def _execute(
     judge_into(name, manifest, recipe)
     write_manifest(workdir, manifest)
     return result
-
-
-def adopt_finished_stage(stage: str, recipe: Recipe, runs_dir: str, donors: list[Recipe]) -> str | None:
-    """Copy a donor arm's finished `stage` into this arm's folder when the runner would trust it under this arm's
-    key (equal recipe sections, inputs and code); returns the donor's name, or None when nothing was copied."""
-    root = run_root(runs_dir, recipe)
-    try:
-        key = stage_key(stage, recipe, root)
-    except StageInputError:
-        return None  # the runner reports the missing input
-    if is_trusted(read_manifest(root / stage), key, root / stage):
-        return None
-    for donor in donors:
-        source = run_root(runs_dir, donor) / stage
-        if donor.name != recipe.name and is_trusted(read_manifest(source), key, source):
-            with atomic_dir(root / stage) as partial:
-                shutil.copytree(source, partial, dirs_exist_ok=True)
-            return donor.name
-    return None

@@ -40,6 +40,7 @@ from dsv3.stages import StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
+    attach_logging,
     recipe_problems,
     resume_checkpoint,
     shared_arguments,
@@ -48,6 +49,7 @@ from dsv3.stages.post_training import (  # noqa: E402
 
 SECTIONS = ("sft",)
 OUTPUT = "model"
+HEADLINE = ("heldout_accuracy", "heldout_format_rate", "heldout_mean_completion_tokens", "heldout_truncated_rate", "train_loss_final")
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "sft_loss.png"
 
@@ -68,6 +70,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     model, tokenizer = load_model(folder / OUTPUT, upstream)
     rows, dropped = sft_dataset(cfg, recipe.seed, tokenizer)
     trainer = build_trainer(model, tokenizer, rows, cfg, workdir / CHECKPOINTS, recipe.seed)
+    attach_logging(trainer, "sft")
     start = ResumeStep()
     trainer.add_callback(start)
     checkpoint = resume_checkpoint(workdir / CHECKPOINTS)

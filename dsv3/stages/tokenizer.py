@@ -19,6 +19,7 @@ from dsv3.stages import StageResult
 SECTIONS = ("data", "tokenizer")
 INPUTS = ()
 OUTPUT = "tokenizer"
+HEADLINE = ("bytes_per_token_validation", "vocab_usage_validation")  # what says it worked
 
 
 def data_files(recipe: Recipe) -> list[str]:

@@ -2,16 +2,11 @@
 script, so it never runs inside the Prefect task).
 
 A stage calls `launch_torchrun` when devices × num_nodes > 1; every rank then runs
-`python -m dsv3.train.launch --entry MODULE:FUNCTION --recipe R --runs-dir D`, which calls FUNCTION(recipe, runs_dir)
-(the pretrain stage's `train_rank`) and exits. A rank that fails for a known reason (a diverged loss, bad input, a
+`python -m dsv3.train.launch --entry MODULE:FUNCTION --recipe R --workdir W --input NAME=DIR ...`, which calls
+FUNCTION(recipe, workdir, inputs) (the pretrain stage's `train_rank`) and exits. A rank that fails for a known reason (a diverged loss, bad input, a
 full disk, Ctrl-C) writes it to the failure file and exits 1 without a traceback; the stage raises it again.
-On a cluster, after `make tokenizer`, run on every node (shared runs folder; MASTER_ADDR, MASTER_PORT, NODE_RANK
-set as for torchrun):
-
-    python -m torch.distributed.run --nnodes N --nproc-per-node G --node-rank $NODE_RANK \\
-        --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT -m dsv3.train.launch --recipe R --runs-dir runs
-
-then `make pretrain` on one node finishes the stage from the final checkpoint (plots, metrics, the model folder).
+On a cluster, `make pretrain` on the first node prints the torchrun command every other node runs (the same
+recipe file, stage folder and inputs on a shared runs folder; MASTER_ADDR, MASTER_PORT and NODE_RANK set).
 """
 
 from __future__ import annotations
@@ -41,7 +36,9 @@ def inside_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def torchrun_command(devices: int, num_nodes: int, entry: str, recipe_file: Path, runs_dir: Path, failure_file: Path) -> list[str]:
+def torchrun_command(
+    devices: int, num_nodes: int, entry: str, recipe_file: Path, workdir: Path, inputs: dict[str, Path], failure_file: Path
+) -> list[str]:
     """The torchrun command line for this node: standalone on one node, c10d rendezvous across several."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={devices}"]
     if num_nodes == 1:
@@ -56,19 +53,23 @@ def torchrun_command(devices: int, num_nodes: int, entry: str, recipe_file: Path
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
         ]
-    return command + [
-        "-m", "dsv3.train.launch", "--entry", entry, "--recipe", str(recipe_file), "--runs-dir", str(runs_dir),
-        "--failure-file", str(failure_file),
-    ]  # fmt: skip
+    command += ["-m", "dsv3.train.launch", "--entry", entry, "--recipe", str(recipe_file), "--workdir", str(workdir)]
+    for name, folder in inputs.items():
+        command += ["--input", f"{name}={folder}"]
+    return command + ["--failure-file", str(failure_file)]
 
 
-def launch_torchrun(recipe: Recipe, workdir: Path, devices: int, num_nodes: int, entry: str = PRETRAIN_ENTRY) -> None:
+def launch_torchrun(
+    recipe: Recipe, workdir: Path, inputs: dict[str, Path], devices: int, num_nodes: int, entry: str = PRETRAIN_ENTRY
+) -> None:
     """Run `entry` on devices × num_nodes ranks with torchrun in a subprocess; the resolved recipe is written to
     workdir/recipe.yaml for the ranks. A rank's known failure is raised again here as the same kind of error."""
     recipe_file, failure_file = workdir / RECIPE_FILE, workdir / FAILURE_FILE
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     failure_file.unlink(missing_ok=True)
-    command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir.parent.parent, failure_file)
+    command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file)
+    if num_nodes > 1:
+        print("dsv3: on every other node run: " + " ".join(command), file=sys.stderr)
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     completed = subprocess.run(command, env=env, check=False)
     if completed.returncode == 0:
@@ -84,17 +85,18 @@ def launch_torchrun(recipe: Recipe, workdir: Path, devices: int, num_nodes: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train in this torchrun rank: call ENTRY(recipe, runs_dir).")
+    parser = argparse.ArgumentParser(description="Train in this torchrun rank: call ENTRY(recipe, workdir, inputs).")
     parser.add_argument("--entry", default=PRETRAIN_ENTRY, help=f"module:function to run (default {PRETRAIN_ENTRY})")
-    parser.add_argument("--recipe", required=True, help="recipe YAML")
-    parser.add_argument("--runs-dir", required=True, help="the runs folder (runs/)")
+    parser.add_argument("--recipe", required=True, help="recipe YAML (the stage writes its resolved recipe)")
+    parser.add_argument("--workdir", required=True, help="the stage's folder")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=DIR", help="an upstream stage's folder")
     parser.add_argument("--failure-file", help="where a rank writes a known failure (kind and one line)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     args = parser.parse_args(argv)
     module, _, function = args.entry.partition(":")
     entry = getattr(importlib.import_module(module), function)
+    inputs = {name: Path(folder) for name, _, folder in (item.partition("=") for item in args.input)}
     try:
-        entry(load_recipe(args.recipe, args.set), Path(args.runs_dir).resolve())
+        entry(load_recipe(args.recipe), Path(args.workdir), inputs)
     except BaseException as error:
         failure = classify(error)
         if failure.kind == "crash" or not args.failure_file:

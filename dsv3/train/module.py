@@ -16,6 +16,7 @@ carry across a resume.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -31,6 +32,8 @@ from dsv3.train.balancing import update_router_biases
 from dsv3.train.compile import compile_blocks
 from dsv3.train.schedules import StepPlan, accumulation_steps, bias_update_speed, learning_rate, mtp_weight
 from dsv3.train.settings import LoopSettings
+
+PROGRESS = logging.getLogger("dsv3.train")  # progress lines: Prefect shows them in the flow run's logs
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -172,6 +175,10 @@ class CausalLMTraining(L.LightningModule):
             "train/maxvio_batch": batch_maxvio,
         }
         self.record(metrics, done)
+        PROGRESS.info(
+            "step %d/%d: loss %.4f, lr %.3g, MaxVio %.3f, %.0f tokens/s",
+            done + self.step_offset, self.plan.steps + self.step_offset, metrics["train/ce"], lr, batch_maxvio, rate,
+        )  # fmt: skip
 
     def record(self, metrics: dict[str, float], step: int) -> None:
         step += self.step_offset
@@ -220,6 +227,7 @@ class CausalLMTraining(L.LightningModule):
         } | {f"val/mtp_loss_depth{k + 1}": float(v) for k, v in enumerate(mtp)}
         self.log("val/loss", loss, logger=False)
         self.record(metrics, self.global_step)
+        PROGRESS.info("step %d: validation loss %.4f (%.3f bits/byte)", self.global_step + self.step_offset, loss, metrics["val/bits_per_byte"])
 
     # ---------------------------------------------------------------------------------------- checkpoints
 

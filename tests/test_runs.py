@@ -1,0 +1,67 @@
+"""dsv3/stages/runs.py and `dsv3 runs` / `dsv3 compare`: variants of a recipe keep their own folders, share the
+stage folders they agree on (linked, not copied), `latest` follows the newest, and two runs compare side by side."""
+
+import json
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.config import load_recipe
+from dsv3.errors import InputError
+from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import (
+    LATEST,
+    list_runs,
+    recipe_differences,
+    record_run,
+    resolve_run,
+    run_root,
+    variant_name,
+    view,
+)
+from tests.conftest import RECIPES
+
+SMOKE = RECIPES / "smoke.yaml"
+
+
+def test_variant_names_come_from_the_overrides_and_the_resolved_recipe():
+    base = load_recipe(SMOKE)
+    assert variant_name(base).startswith("base-") and len(variant_name(base)) == len("base-") + 6
+    assert variant_name(load_recipe(SMOKE)) == variant_name(base)  # the same recipe, the same folder
+    tuned = load_recipe(SMOKE, ["pretrain.lr_peak=1e-3"])
+    assert variant_name(tuned).startswith("lr_peak=1e-3-") and variant_name(tuned) != variant_name(base)
+    assert variant_name(load_recipe(SMOKE, [], variant="mine")) == "mine"
+    assert variant_name(load_recipe(SMOKE, ["seed=0"])).endswith(variant_name(base)[-6:])  # same resolved recipe
+
+
+def test_two_variants_share_the_stage_they_agree_on_and_keep_the_rest(runs_dir, capsys):
+    base, tuned = load_recipe(SMOKE), load_recipe(SMOKE, ["tokenizer.vocab_size=600"])
+    for recipe in (base, tuned):
+        record_run(runs_dir, recipe, SMOKE)
+        run_stage("tokenizer", recipe, runs_dir)
+    a, b = run_root(runs_dir, base), run_root(runs_dir, tuned)
+    assert a != b and (a / "tokenizer").is_symlink() and (b / "tokenizer").is_symlink()
+    assert (a / "tokenizer").resolve() != (b / "tokenizer").resolve()  # different keys: both kept
+    again = load_recipe(SMOKE, [], variant="again")
+    record_run(runs_dir, again, SMOKE)
+    assert run_stage("tokenizer", again, runs_dir).action == "skipped"
+    assert (run_root(runs_dir, again) / "tokenizer").resolve() == (a / "tokenizer").resolve()  # linked, not copied
+    assert (runs_dir / "smoke" / LATEST).resolve() == run_root(runs_dir, again)
+
+    assert [r.label for r in list_runs(runs_dir)] == [f"smoke/{n}" for n in ("again", b.name, a.name)]
+    assert resolve_run("smoke", runs_dir) == run_root(runs_dir, again)
+    assert resolve_run(f"smoke/{b.name}", runs_dir) == b
+    with pytest.raises(InputError, match="no run of that name"):
+        resolve_run("smoke/nothing", runs_dir)
+    assert recipe_differences(view(a), view(b)) == {"tokenizer.vocab_size": (512, 600)}
+    assert json.loads((b / "run.json").read_text())["overrides"] == ["tokenizer.vocab_size=600"]
+
+    main(["runs", "--runs-dir", str(runs_dir)])
+    listing = capsys.readouterr().out
+    assert f"smoke/{b.name}" in listing and "tokenizer.vocab_size=600" in listing and "tokenizer:completed" in listing
+    main(["compare", f"smoke/{a.name}", f"smoke/{b.name}", "--runs-dir", str(runs_dir)])
+    table = capsys.readouterr().out
+    assert "| tokenizer.vocab_size | 512 | 600 |" in table
+    assert "| tokenizer | bytes_per_token_validation |" in table
+    html = next((runs_dir / "compare").glob("*.html")).read_text()
+    assert "<table>" in html and "vocab_size" in html
