@@ -11,8 +11,10 @@ export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
 LOCK    := requirements.lock
 TORCH   ?= $(shell grep -E '^torch==' $(LOCK))
+# gpu-check's python: the venv's, else the machine's own (a lent GPU machine has torch but no venv)
+PY      ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
-.PHONY: setup lock test lint pipeline ablations ui serve clean-runs help $(STAGES)
+.PHONY: setup lock test lint pipeline ablations ui serve clean-runs help gpu-check $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +51,9 @@ lock:  ## re-resolve requirements.lock: the newest versions pyproject.toml allow
 
 test:  ## run the test suite (fast: a few minutes on 2 cores)
 	$(BIN)/pytest
+
+gpu-check:  ## on a CUDA GPU (< 8 min): CUDA tests, FP8 vs BF16, small.yaml MFU, 4K decode -> OUT=dir or runs/gpu-check
+	@$(PY) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT))
 
 lint:  ## ruff
 	$(BIN)/ruff check dsv3 flows tests benchmarks
