@@ -77,6 +77,32 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
     add_set_option(show)
     show.set_defaults(handler=_show_recipe)
 
+    plan = sub.add_parser(
+        "plan",
+        help="per-device memory of a recipe's pretraining under DDP, FSDP and FSDP+EP, before renting GPUs",
+        description="Build the recipe's model on the meta device and print, per device, the bytes of parameters, "
+        "gradients, AdamW state, weight copies and an activation estimate for one micro-batch, under DDP, FSDP2 and "
+        "FSDP2 with the routed experts split over --expert-parallel ranks (dsv3/train/plan.py says what is counted).",
+        epilog="examples:\n  dsv3 plan recipes/small.yaml --devices 8\n"
+        "  dsv3 plan recipes/v2-lite.yaml --devices 16 --expert-parallel 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("recipe", help="recipe YAML")
+    plan.add_argument(
+        "--devices", type=int, default=None, help="ranks, all nodes together (default: pretrain.devices × num_nodes)"
+    )
+    plan.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="E",
+        help="ranks the routed experts are split over (default: pretrain.expert_parallel, else 1)",
+    )
+    plan.add_argument("--strategy", choices=["ddp", "fsdp"], default=None, help="only this strategy's rows")
+    plan.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    add_set_option(plan)
+    plan.set_defaults(handler=_plan)
+
     export = sub.add_parser(
         "export-hf",
         help="write a checkpoint as a transformers deepseek_v3 directory",
@@ -179,6 +205,46 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
 def _show_recipe(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from dsv3.train.plan import GiB, fewest_devices, parameter_groups, plan, planned_model
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    model = planned_model(recipe)
+    if args.devices is not None:
+        devices = args.devices
+    else:
+        devices = recipe.pretrain.devices * recipe.pretrain.num_nodes if recipe.pretrain else 1
+    rows = plan(recipe, devices, args.expert_parallel, args.strategy, model)
+    groups = parameter_groups(model.weights)
+    mtp = groups["MTP modules"]
+    print(
+        f"{recipe.name}: {(sum(groups.values()) - mtp) / 1e9:.3f}B parameters + {mtp / 1e9:.3f}B in the MTP modules (meta device); "
+        f"vocabulary {model.config.vocab_size} from {model.vocab_source}"
+    )
+    print("  " + ", ".join(f"{name} {count / 1e9:.3f}B" for name, count in groups.items()))
+    source = "the pretrain section's defaults: the recipe has none" if model.pretrain_defaults else "pretrain"
+    print(
+        f"precision {model.precision}, optimizer_states_bf16 {str(model.optimizer_states_bf16).lower()}, "
+        f"micro-batch {model.micro_batch_size} × {model.seq_len} tokens ({source}); fp32 master weights except "
+        "under bf16-true, their bf16 / FP8 compute copies under 'copies'; activations are an estimate "
+        "(dsv3/train/plan.py says what each column counts)"
+    )
+    print()
+    print("| strategy | devices | E | params GiB | grads GiB | optimizer GiB | copies GiB | activations GiB | total GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        gib = (row.params, row.grads, row.optimizer, row.copies, row.activations, row.total)
+        print(f"| {row.strategy} | {row.devices} | {row.expert_parallel} | " + " | ".join(f"{b / GiB:.2f}" for b in gib) + " |")
+    print()
+    gpu = args.gpu_gib * GiB
+    print(f"fits on one {args.gpu_gib:g} GiB GPU: " + ", ".join(f"{r.strategy} {'yes' if r.total <= gpu else 'no'}" for r in rows))
+    fewest = [(r.strategy, fewest_devices(model, "fsdp" if "FSDP" in r.strategy else "ddp", r.expert_parallel, gpu)) for r in rows]
+    print(
+        f"fewest {args.gpu_gib:g} GiB GPUs: " + ", ".join(f"{name} {n or 'none'}" for name, n in fewest)
+        + " (no margin counted for the CUDA context, NCCL buffers and fragmentation: leave a few GiB)"
+    )
 
 
 def _export_hf(args: argparse.Namespace) -> None:
