@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from dsv3.errors import TrainingDiverged
-from dsv3.eval.expert_load import max_violation
+from dsv3.eval.expert_load import layer_max_violations, max_violation
 from dsv3.fp8 import AdamWBF16Moments
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.train.balancing import update_router_biases
@@ -124,7 +124,7 @@ class CausalLMTraining(L.LightningModule):
         if self.settings.balancing == "loss_free":
             update_router_biases(self.model.moe_gates(), step_load, bias_update_speed(tokens, total, self.settings))
         self.log("loss", self._sums["ce"] / self.accumulation, prog_bar=True, logger=False)
-        self.log_step(step, lam, lr, grad_norm, max_violation(step_load[: self.n_main_moe_layers]))
+        self.log_step(step, lam, lr, grad_norm, step_load[: self.n_main_moe_layers])
 
     def _add(self, **values: torch.Tensor) -> None:
         for key, value in values.items():
@@ -148,9 +148,10 @@ class CausalLMTraining(L.LightningModule):
                 "this step was applied and the last checkpoint is kept: lower the learning rate and rerun to resume"
             )
 
-    def log_step(self, step: int, lam: float, lr: float, grad_norm: torch.Tensor, batch_maxvio: float) -> None:
-        """Tokens/s on the progress bar every step; the step's metrics (means over micro-batches and ranks) into
-        the history and the logger every log_every_n_steps and at the last step."""
+    def log_step(self, step: int, lam: float, lr: float, grad_norm: torch.Tensor, step_load: torch.Tensor) -> None:
+        """Tokens/s on the progress bar every step; the step's metrics (means over micro-batches and ranks; batch
+        MaxVio of the main model's MoE layers from step_load (L, E), their mean and each layer's, named by its
+        decoder layer) into the history and the logger every log_every_n_steps and at the last step."""
         done = step + 1
         tokens_after = self.plan.tokens_before(done)
         now = time.perf_counter()
@@ -159,6 +160,8 @@ class CausalLMTraining(L.LightningModule):
         self.log("tok_s", rate, prog_bar=True, logger=False)
         if done % self.settings.log_every_n_steps and done != self.plan.steps:
             return
+        layer_maxvio = layer_max_violations(step_load)
+        batch_maxvio = max_violation(step_load)
         self._clock = (now, tokens_after)
         names = ["loss", "ce", "balance"]
         values = torch.stack([self._sums[n] for n in names] + list(self._sums["mtp"])) / self.accumulation
@@ -173,7 +176,7 @@ class CausalLMTraining(L.LightningModule):
             "train/batch_size": float(self.plan.batch_sizes[step]),
             "train/tokens_per_s": rate,
             "train/maxvio_batch": batch_maxvio,
-        }
+        } | {f"train/maxvio_batch_layer{self.model.config.first_k_dense_replace + i}": v for i, v in enumerate(layer_maxvio)}
         self.record(metrics, done)
         PROGRESS.info(
             "step %d/%d: loss %.4f, lr %.3g, MaxVio %.3f, %.0f tokens/s",
@@ -225,6 +228,8 @@ class CausalLMTraining(L.LightningModule):
             "val/maxvio_global": max_violation(load[: self.n_main_moe_layers]),
             "val/tokens": targets,
         } | {f"val/mtp_loss_depth{k + 1}": float(v) for k, v in enumerate(mtp)}
+        first = self.model.config.first_k_dense_replace
+        metrics |= {f"val/maxvio_global_layer{first + i}": v for i, v in enumerate(layer_max_violations(load[: self.n_main_moe_layers]))}
         self.log("val/loss", loss, logger=False)
         self.record(metrics, self.global_step)
         PROGRESS.info("step %d: validation loss %.4f (%.3f bits/byte)", self.global_step + self.step_offset, loss, metrics["val/bits_per_byte"])
