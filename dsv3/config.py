@@ -147,8 +147,10 @@ class PretrainSection(Section):
     bias_update_speed_after: float = Field(0.0, ge=0, description="γ after the switch")
     bias_update_switch_fraction: float = Field(0.966, ge=0, le=1, description="γ switch (14.3T of 14.8T)")
     document_masking: bool = Field(False, description="block-diagonal attention per packed document (paper: off)")
-    precision: Literal["32-true", "bf16-mixed", "bf16-true", "fp8-blockwise"] = Field(
-        "32-true", description="fp8-blockwise: FP8 GEMMs in the blocks' linear layers, BF16 autocast elsewhere"
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "fp8-blockwise", "fp8-tensorwise"] = Field(
+        "32-true",
+        description="fp8-blockwise: FP8 GEMMs in the blocks' linear layers (1x128 / 128x128 scales), BF16 autocast "
+        "elsewhere; fp8-tensorwise: the same with one scale per tensor (the baseline fine-grained scaling beats)",
     )
     fp8_backend: Literal["auto", "emulated", "scaled_mm"] = Field(
         "auto", description="FP8 GEMMs: scaled_mm (Hopper GPUs), emulated (anywhere), auto picks"

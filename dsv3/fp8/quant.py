@@ -11,6 +11,10 @@ Blocks tile the last two dimensions (rows, cols); leading dimensions index indep
 ``(1, 128)`` a (B, T, C) activation is quantised exactly as its (B*T, C) flattening, and a (E, K, N) stack of
 expert weights gets 128x128 blocks per expert. A dimension that is not a multiple of the block is padded with
 zeros for the amax and cropped back afterwards: the last, partial block gets its own scale, nothing is dropped.
+
+``TENSOR`` is the coarse baseline the paper's fine-grained scheme is measured against (per-tensor scaling, as in
+Transformer Engine's FP8 recipes): one block as large as the matrix, so one scale per matrix (per expert for a
+stack) and one outlier sets the scale of every element.
 """
 
 import torch
@@ -20,13 +24,21 @@ FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(FP8_DTYPE).max  # 448.0, the largest finite E4M3 value
 AMAX_FLOOR = 1e-12  # "tiny": keeps an all-zero block's scale finite and non-zero (its q is 0 anyway)
 BLOCKS = ((1, 128), (128, 128), (128, 1))  # activations, weights, weight-gradient activation tiles
+TENSOR = "tensor"  # one block covering the whole matrix: per-tensor scaling
 
 
-def _check_block(block) -> tuple[int, int]:
+def _check_block(block) -> tuple[int, int] | str:
     block = tuple(block) if isinstance(block, (tuple, list)) else block
-    if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS} (activations, weights, backward tiles), got {block!r}")
+    if block not in (*BLOCKS, TENSOR):
+        raise ValueError(
+            f"block must be one of {BLOCKS} (activations, weights, backward tiles) or {TENSOR!r}, got {block!r}"
+        )
     return block
+
+
+def _block_dims(block, rows: int, cols: int) -> tuple[int, int]:
+    """(block rows, block cols); TENSOR spans the whole matrix."""
+    return (max(rows, 1), max(cols, 1)) if block == TENSOR else block
 
 
 def _check_matrix(x: torch.Tensor, name: str) -> None:
@@ -38,16 +50,17 @@ def _check_matrix(x: torch.Tensor, name: str) -> None:
 
 
 def block_grid(shape, block) -> tuple[int, ...]:
-    """Shape of the scale tensor for ``shape`` cut into ``block``: (*lead, ceil(R/br), ceil(C/bc))."""
+    """Shape of the scale tensor for ``shape`` cut into ``block``: (*lead, ceil(R/br), ceil(C/bc)); (*lead, 1, 1)
+    for TENSOR."""
     *lead, rows, cols = shape
-    br, bc = block
+    br, bc = _block_dims(block, rows, cols)
     return (*lead, -(-rows // br), -(-cols // bc))
 
 
 def _tiles(x: torch.Tensor, block) -> torch.Tensor:
     """(*lead, R, C) -> zero-padded tiles (*lead, nR, br, nC, bc)."""
-    br, bc = block
     *_, rows, cols = x.shape
+    br, bc = _block_dims(block, rows, cols)
     n_r, n_c = -(-rows // br), -(-cols // bc)
     if (n_r * br, n_c * bc) != (rows, cols):
         x = F.pad(x, (0, n_c * bc - cols, 0, n_r * br - rows))
@@ -71,7 +84,8 @@ def block_scale(amax: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
 
 
 def quantize_blockwise(x: torch.Tensor, block=(1, 128), power_of_two: bool = False):
-    """Quantise ``x`` to E4M3 with one FP32 scale per block (DeepSeek-V3 section 3.3.2).
+    """Quantise ``x`` to E4M3 with one FP32 scale per block (DeepSeek-V3 section 3.3.2); ``block=TENSOR`` gives
+    one scale per matrix (per-tensor scaling).
 
     Returns ``(q, scale)``: ``q`` has x's shape in ``torch.float8_e4m3fn``, ``scale`` has shape
     ``block_grid(x.shape, block)`` in fp32, and ``q.float() * scale`` (broadcast per block) reconstructs x:

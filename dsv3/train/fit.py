@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 
-from dsv3.fp8 import FP8BlockwisePrecision
+from dsv3.fp8 import FP8BlockwisePrecision, fp8_scaling
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.hf import save_model_folder
 from dsv3.train.checkpoints import AtomicCheckpointIO, resume_point
@@ -113,7 +113,7 @@ def build_trainer(
     for, DDP (gloo on CPUs, NCCL on GPUs) when the settings span several processes."""
     device = accelerator(settings)
     ddp = DDPStrategy(process_group_backend="gloo" if device == "cpu" else "nccl", broadcast_buffers=False)
-    fp8 = settings.precision == "fp8-blockwise"
+    fp8 = fp8_scaling(settings.precision)  # blockwise, tensorwise or None
     return L.Trainer(
         accelerator=device,
         devices=settings.devices,
@@ -127,7 +127,7 @@ def build_trainer(
         use_distributed_sampler=False,
         logger=logger,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()] + ([FP8BlockwisePrecision(settings.fp8_backend, device="cuda" if device == "gpu" else "cpu")] if fp8 else []),
+        plugins=[AtomicCheckpointIO()] + ([FP8BlockwisePrecision(settings.fp8_backend, device="cuda" if device == "gpu" else "cpu", scaling=fp8)] if fp8 else []),
         default_root_dir=folder,
         enable_model_summary=False,
         log_every_n_steps=1,  # the module logs itself, every log_every_n_steps optimizer steps
