@@ -6,6 +6,7 @@ RECIPE  ?= recipes/tiny.yaml
 RUNS    ?= runs
 SET     ?=
 NAME    ?=
+SEEDS   ?= 3
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
@@ -62,9 +63,9 @@ pipeline:  ## run every stage of RECIPE through the Prefect flow (SET='--set k=v
 	@mkdir -p $(RUNS)
 	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(if $(NAME),--name $(NAME)) $(SET)
 
-ablations:  ## paired tiny pretrainings (recipes/ablations): FP8, balancing, MTP vs the papers -> RUNS/ablations/
+ablations:  ## ablation pretrainings over SEEDS seeds (recipes/ablations): FP8, balancing, MTP vs the papers -> RUNS/ablations/
 	@mkdir -p $(RUNS)
-	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS)
+	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS) --seeds $(SEEDS)
 
 $(STAGES):
 	@mkdir -p $(RUNS)

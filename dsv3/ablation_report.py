@@ -1,25 +1,36 @@
-"""The ablation report: paired pretraining ablations beside the papers' numbers (PAPER.md).
+"""The ablation report: pretraining ablations over several seeds beside the papers' numbers (PAPER.md).
 
-Each ablation is a pair of runs that differ in one recipe switch — same seed, data and tokenizer:
-- FP8 blockwise vs BF16 (DeepSeek-V3 report §3.3): validation loss within 0.25% of BF16;
-- loss-free balancing vs an auxiliary loss (arXiv 2408.15664, §4): global MaxVio 0.04 vs 0.72 at equal or better
-  loss (perplexity 9.50 vs 9.56);
+Each ablation is a set of arms that differ in one recipe switch — same data and tokenizer — each run with the same
+seeds; a seed fixes the initialisation and the data order, and arms run with the same seed form a pair:
+- FP8 at hidden 512, blockwise vs BF16 (DeepSeek-V3 report §3.3): validation loss within 0.25% of BF16; and
+  blockwise vs per-tensor scaling (§3.3.2, the reason for fine-grained scaling: no number published);
+- loss-free balancing vs an auxiliary loss vs no balancing (arXiv 2408.15664, §4): global MaxVio 0.04 vs 0.72 at
+  equal or better loss (perplexity 9.50 vs 9.56);
 - MTP on vs off (report §2.2, §5.4.3): the main head's validation loss (MTP helped 15.7B and 228.7B MoEs, may hurt
   below ~1B) and the acceptance of the MTP-drafted token in speculative decoding (85–90%).
 
-This module sees a run only as an `ArmRun` (the pretrain stage's metrics and per-step history, the acceptance
-rate); the flow (flows/ablations.py) reads those from the stage folders. It writes the comparison as markdown —
-a table of claims (paper beside ours) and a table of arms, "missing" where a pair has not run, never a zero — and
-the paired curves (validation and training loss, MaxVio against the step) as one PNG per ablation.
+A claim is judged on the paired differences d_s (arm − baseline, same seed s) — mean d̄ and sample standard deviation
+sd over the n seeds (`verdict`): a direction claim holds when |d̄| > 2·sd and d̄ has the paper's sign, fails when
+|d̄| > 2·sd with the other sign, and is "not resolved" otherwise; a bound claim (|gap| < 0.25%) holds when
+|d̄| + 2·sd is below the bound and fails when |d̄| − 2·sd is above it; a threshold on one arm (acceptance ≥ 85%)
+uses its per-seed values the same way. One seed resolves nothing.
+
+This module sees a run only as an `ArmRun` (one seed of one arm: the pretrain stage's metrics and per-step history,
+the acceptance rate); the flow (flows/ablations.py) reads those from the stage folders. It writes the comparison as
+markdown — the claims (paper beside ours, with spreads), the arms (mean ± sd), every per-seed value, "missing" where
+an arm has not run, never a zero — and the curves: one PNG per ablation (loss and MaxVio against the step, mean over
+seeds with the seeds' range) and, for balancing, MaxVio per MoE layer.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -28,44 +39,50 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 MISSING = "missing"
 NONE = "—"
+HOLDS, FAILS, UNRESOLVED = "yes", "no", "not resolved"
 FP8_GAP_BOUND = 0.0025  # report §3.3: relative loss error below 0.25%
 PAPER_ACCEPTANCE = (0.85, 0.90)  # report §5.4.3
+NOISE_SDS = 2.0  # a difference counts when it is more than this many standard deviations of the paired differences
 
 
 @dataclass(frozen=True)
 class Ablation:
-    """A pair: the `arm` recipe (the paper's technique) against the `baseline` recipe, differing in `switch`.
+    """Arms that differ in `switch` (and the settings in `also` that go with it): `arms[0]` is the paper's technique.
 
-    `arm` and `baseline` are recipe file stems (recipes/ablations/<stem>.yaml); `name` is the MLflow tag `ablation`."""
+    Arms are recipe file stems (recipes/ablations/<stem>.yaml); `name` is the MLflow tag `ablation`."""
 
     name: str
     title: str
     switch: str
-    arm: str
-    baseline: str
-    also: tuple[str, ...] = ()  # settings that go with the switch (the aux-loss baseline's own α)
+    arms: tuple[str, ...]
+    also: tuple[str, ...] = ()
 
 
 ABLATIONS = (
-    Ablation("fp8", "FP8 blockwise vs BF16", "pretrain.precision", "fp8", "bf16"),
+    Ablation(
+        "fp8",
+        "FP8 at hidden 512: blockwise vs per-tensor scaling vs BF16",
+        "pretrain.precision",
+        ("fp8-wide", "fp8-wide-tensorwise", "fp8-wide-bf16"),
+    ),
     Ablation(
         "balancing",
-        "loss-free vs auxiliary-loss balancing",
+        "loss-free vs auxiliary-loss vs no balancing",
         "pretrain.balancing",
-        "loss-free",
-        "aux-loss",
+        ("loss-free", "aux-loss", "no-balancing"),
         also=("model.aux_loss_alpha",),
     ),
-    Ablation("mtp", "MTP on vs off", "model.num_nextn_predict_layers", "mtp-on", "mtp-off"),
+    Ablation("mtp", "MTP on vs off", "model.num_nextn_predict_layers", ("mtp-on", "mtp-off")),
 )
-ARMS = {stem: a for a in ABLATIONS for stem in (a.arm, a.baseline)}
+ARMS = {stem: a for a in ABLATIONS for stem in a.arms}
 
 
 @dataclass
 class ArmRun:
-    """One finished arm: its recipe name, the switch's value, the pretrain stage's metrics (final_val_loss, ...) and
-    history (records {"step", "val/loss", "train/ce", "train/maxvio_batch", "val/maxvio_global", ...}), the MTP
-    acceptance rate (None: no MTP module) and the pretrain stage's MLflow run."""
+    """One seed of one finished arm: its recipe name, the switch's value (and its companions'), the pretrain stage's
+    metrics (final_val_loss, ...) and history (records {"step", "val/loss", "train/ce", "train/maxvio_batch",
+    "train/maxvio_batch_layer<i>", "val/maxvio_global", ...}), the MTP acceptance rate (None: no MTP module), the
+    pretrain stage's MLflow run and the seed."""
 
     recipe: str
     switch_value: Any
@@ -73,6 +90,7 @@ class ArmRun:
     history: list[dict[str, float]]
     acceptance: float | None = None
     mlflow_run_id: str | None = None
+    seed: int = 0
 
     @property
     def val_loss(self) -> float:
@@ -81,6 +99,10 @@ class ArmRun:
     @property
     def maxvio(self) -> float:
         return self.metrics["final_val_maxvio_global"]
+
+
+Seeds = dict[int, ArmRun]  # seed -> that seed's run of one arm
+Runs = dict[str, Seeds]  # arm stem -> its seeds (empty or absent: the arm has not run)
 
 
 def relative_gap(value: float, reference: float) -> float:
@@ -96,16 +118,70 @@ def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[
     return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
 
 
-def check_pair(ablation: Ablation, arm: dict[str, Any], baseline: dict[str, Any]) -> None:
+def check_pair(ablation: Ablation, arm: dict[str, Any], baseline: dict[str, Any], stems: tuple[str, str] | None = None) -> None:
     """Raise ValueError unless the two flattened recipes differ in the ablation's switch and nothing else (but the
-    settings that go with it)."""
+    settings that go with it). `stems` names the two files in the message (default: the ablation's first two arms)."""
     diff = recipe_differences(arm, baseline)
     if ablation.switch not in diff or not set(diff) <= {ablation.switch, *ablation.also}:
         shown = ", ".join(f"{k}: {va!r} vs {vb!r}" for k, (va, vb) in diff.items()) or "nothing"
+        a, b = stems or ablation.arms[:2]
         raise ValueError(
-            f"ablation {ablation.name}: {ablation.arm} and {ablation.baseline} must differ only in {ablation.switch} "
-            f"(they differ in {shown}); edit recipes/ablations/{ablation.arm}.yaml or {ablation.baseline}.yaml"
+            f"ablation {ablation.name}: {a} and {b} must differ only in {ablation.switch} "
+            f"(they differ in {shown}); edit recipes/ablations/{a}.yaml or {b}.yaml"
         )
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation (n − 1) of n values; sd is NaN for one value."""
+
+    mean: float
+    sd: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        if not values:
+            raise ValueError("a spread needs at least one value")
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+
+
+Kind = Literal["direction", "bound", "threshold"]
+
+
+def verdict(values: list[float], kind: Kind, target: float) -> str:
+    """HOLDS / FAILS / UNRESOLVED for per-seed values (paired differences, or one arm's values for a threshold).
+
+    direction (target = the paper's sign, ±1): holds iff |mean| > 2·sd and sign(mean) = target; fails iff |mean| >
+    2·sd with the other sign. bound (target = B): holds iff |mean| + 2·sd < B; fails iff |mean| − 2·sd > B.
+    threshold (target = T): holds iff mean − 2·sd ≥ T; fails iff mean + 2·sd < T. Otherwise, and with fewer than two
+    seeds, not resolved."""
+    if len(values) < 2:
+        return UNRESOLVED
+    s = Spread.of(values)
+    noise = NOISE_SDS * s.sd
+    if kind == "direction":
+        if abs(s.mean) > noise:
+            return HOLDS if math.copysign(1.0, s.mean) == math.copysign(1.0, target) else FAILS
+        return UNRESOLVED
+    if kind == "bound":
+        return HOLDS if abs(s.mean) + noise < target else FAILS if abs(s.mean) - noise > target else UNRESOLVED
+    if kind == "threshold":
+        return HOLDS if s.mean - noise >= target else FAILS if s.mean + noise < target else UNRESOLVED
+    raise ValueError(f"unknown claim kind {kind!r}")
+
+
+RULE = (
+    f"**Rule.** d_s = the compared quantity of the arm minus the baseline's with the same seed s; d̄ and sd are the "
+    f"mean and the sample standard deviation of d_s over the seeds. A direction claim holds when |d̄| > "
+    f"{NOISE_SDS:g}·sd and d̄ has the paper's sign (\"no\": beyond {NOISE_SDS:g}·sd with the other sign); the FP8 bound "
+    f"holds when |d̄| + {NOISE_SDS:g}·sd < 0.25% (\"no\": |d̄| − {NOISE_SDS:g}·sd > 0.25%); the acceptance threshold "
+    f"holds when mean − {NOISE_SDS:g}·sd ≥ 85% (\"no\": mean + {NOISE_SDS:g}·sd < 85%). Anything else, or one seed, is "
+    f"**not resolved**: the difference is within the seed-to-seed noise."
+)
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -113,87 +189,125 @@ def check_pair(ablation: Ablation, arm: dict[str, Any], baseline: dict[str, Any]
 
 @dataclass(frozen=True)
 class Claim:
-    """One published claim: what is compared, the paper's value, and how to measure it on (arm, baseline)."""
+    """One published claim: what is compared, the paper's value, the arms (baseline None: the arm's own value), the
+    per-seed quantity of one run and how two seeds' quantities make d_s (`compare`), how to print both, and how d_s
+    is judged (`verdict`'s kind and target)."""
 
+    ablation: str
     what: str
     paper: str
-    measure: Callable[[ArmRun, ArmRun], tuple[str, bool]]  # -> (our value as text, holds as in the paper)
+    arm: str
+    baseline: str | None
+    quantity: Callable[[ArmRun], float]
+    compare: Literal["relative", "difference", "value"]
+    kind: Kind
+    target: float
+    quantity_format: str = "{:.4f}"
+    show: Callable[[float], str] = "{:+.2%}".format
+
+    def per_seed(self, arm: ArmRun, baseline: ArmRun | None) -> float:
+        """d_s: the relative gap or the difference of the two runs' quantities, or the arm's own value."""
+        if self.compare == "value":
+            return self.quantity(arm)
+        a, b = self.quantity(arm), self.quantity(baseline)
+        return relative_gap(a, b) if self.compare == "relative" else a - b
 
 
-def _percent(fraction: float) -> str:
-    return f"{fraction:+.2%}"
+def _val_loss(run: ArmRun) -> float:
+    return run.val_loss
 
 
-def _fp8_gap(fp8: ArmRun, bf16: ArmRun) -> tuple[str, bool]:
-    gap = relative_gap(fp8.val_loss, bf16.val_loss)
-    return f"{_percent(gap)} ({fp8.val_loss:.4f} vs {bf16.val_loss:.4f})", abs(gap) < FP8_GAP_BOUND
+def _maxvio(run: ArmRun) -> float:
+    return run.maxvio
 
 
-def _maxvio(free: ArmRun, aux: ArmRun) -> tuple[str, bool]:
-    return f"{free.maxvio:.3f} vs {aux.maxvio:.3f}", free.maxvio < aux.maxvio
-
-
-def _loss_gap(arm: ArmRun, baseline: ArmRun) -> tuple[str, bool]:
-    gap = relative_gap(arm.val_loss, baseline.val_loss)
-    return f"{_percent(gap)} ({arm.val_loss:.4f} vs {baseline.val_loss:.4f})", gap <= 0
-
-
-def _acceptance(mtp: ArmRun, _: ArmRun) -> tuple[str, bool]:
-    if mtp.acceptance is None:
-        raise ValueError(f"{mtp.recipe}: no MTP acceptance rate measured (does it have an MTP module?)")
-    return f"{mtp.acceptance:.1%}", mtp.acceptance >= PAPER_ACCEPTANCE[0]
+def _acceptance(run: ArmRun) -> float:
+    if run.acceptance is None:
+        raise ValueError(f"{run.recipe}: no MTP acceptance rate measured (does it have an MTP module?)")
+    return run.acceptance
 
 
 # The balancing paper reports perplexity; its loss gap is the gap of log-perplexities.
 _PAPER_BALANCE_GAP = relative_gap(math.log(9.50), math.log(9.56))
+_MAXVIO = {"quantity": _maxvio, "compare": "difference", "quantity_format": "{:.3f}", "show": "{:+.3f}".format}
 
-CLAIMS = {
-    "fp8": [
-        Claim(
-            "validation loss, relative gap (FP8 − BF16) / BF16",
-            f"below {FP8_GAP_BOUND:.2%} (16B and 230B MoE)",
-            _fp8_gap,
-        ),
-    ],
-    "balancing": [
-        Claim("global MaxVio (validation set), loss-free vs aux-loss", "0.04 vs 0.72 (1B MoE)", _maxvio),
-        Claim(
-            "validation loss, relative gap (loss-free − aux-loss) / aux-loss",
-            f"{_percent(_PAPER_BALANCE_GAP)} (perplexity 9.50 vs 9.56)",
-            _loss_gap,
-        ),
-    ],
-    "mtp": [
-        Claim(
-            "main-head validation loss, relative gap (on − off) / off",
-            "negative for 15.7B and 228.7B MoEs (may hurt below ~1B)",
-            _loss_gap,
-        ),
-        Claim(
-            "acceptance of the MTP-drafted token (greedy speculative decoding)",
-            f"{PAPER_ACCEPTANCE[0]:.0%}–{PAPER_ACCEPTANCE[1]:.0%}",
-            _acceptance,
-        ),
-    ],
-}
-CRITERIA = (
-    "As in the paper: FP8 — |gap| < 0.25%; balancing — loss-free MaxVio below aux-loss's and loss gap ≤ 0 (equal or "
-    "better); MTP — loss gap ≤ 0 (PAPER.md: MTP can hurt models below ~1B) and acceptance ≥ 85%."
+CLAIMS = (
+    Claim("fp8", "validation loss, relative gap (FP8 blockwise − BF16) / BF16",
+          f"below {FP8_GAP_BOUND:.2%} (16B and 230B MoE)", "fp8-wide", "fp8-wide-bf16",
+          _val_loss, "relative", "bound", FP8_GAP_BOUND),
+    Claim("fp8", "validation loss, relative gap (per-tensor − blockwise) / blockwise",
+          "> 0: fine-grained scaling absorbs the outliers per-tensor scaling cannot (§3.3.2; no number published)",
+          "fp8-wide-tensorwise", "fp8-wide", _val_loss, "relative", "direction", +1.0),
+    Claim("balancing", "global MaxVio (validation set), loss-free − aux-loss", "0.04 vs 0.72 (1B MoE): lower",
+          "loss-free", "aux-loss", kind="direction", target=-1.0, **_MAXVIO),
+    Claim("balancing", "validation loss, relative gap (loss-free − aux-loss) / aux-loss",
+          f"{_PAPER_BALANCE_GAP:+.2%} (perplexity 9.50 vs 9.56)", "loss-free", "aux-loss",
+          _val_loss, "relative", "direction", -1.0),
+    Claim("balancing", "global MaxVio (validation set), loss-free − no balancing",
+          "lower (not in the paper's tables: unbalanced routing is why balancing exists)", "loss-free", "no-balancing",
+          kind="direction", target=-1.0, **_MAXVIO),
+    Claim("mtp", "main-head validation loss, relative gap (on − off) / off",
+          "negative for 15.7B and 228.7B MoEs (may hurt below ~1B)", "mtp-on", "mtp-off",
+          _val_loss, "relative", "direction", -1.0),
+    Claim("mtp", "acceptance of the MTP-drafted token (greedy speculative decoding)",
+          f"{PAPER_ACCEPTANCE[0]:.0%}–{PAPER_ACCEPTANCE[1]:.0%}", "mtp-on", None,
+          _acceptance, "value", "threshold", PAPER_ACCEPTANCE[0], show="{:.1%}".format),
 )
 
 
-def claim_rows(runs: dict[str, ArmRun | None]) -> list[tuple[str, str, str, str, str]]:
-    """(ablation title, what, paper, ours, as in the paper) per claim; ours = "missing" when an arm has not run."""
+@dataclass(frozen=True)
+class ClaimResult:
+    """A claim measured on the seeds both arms ran: per-seed d_s (or the arm's own values), their spread, the
+    verdict, and each arm's own quantity as "mean ± sd vs mean ± sd" (`sides`; empty for a one-arm claim)."""
+
+    claim: Claim
+    per_seed: dict[int, float]
+    spread: Spread | None
+    verdict: str
+    sides: str
+
+
+def claim_result(claim: Claim, runs: Runs) -> ClaimResult:
+    """The claim on the seeds that both of its arms ran (MISSING when there are none)."""
+    arm = runs.get(claim.arm) or {}
+    base = (runs.get(claim.baseline) or {}) if claim.baseline else arm
+    seeds = sorted(set(arm) & set(base))
+    if not seeds:
+        return ClaimResult(claim, {}, None, MISSING, MISSING)
+    per_seed = {s: claim.per_seed(arm[s], base[s] if claim.baseline else None) for s in seeds}
+    sides = ""
+    if claim.baseline:
+        sides = " vs ".join(
+            _mean_sd([claim.quantity(runs[stem][s]) for s in seeds], claim.quantity_format)
+            for stem in (claim.arm, claim.baseline)
+        )
+    values = list(per_seed.values())
+    return ClaimResult(claim, per_seed, Spread.of(values), verdict(values, claim.kind, claim.target), sides)
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    s = Spread.of(values)
+    return fmt.format(s.mean) if s.n == 1 else f"{fmt.format(s.mean)} ± {fmt.format(s.sd)}"
+
+
+def _shown(result: ClaimResult) -> str:
+    """'d̄ ± sd (n seeds)' in the claim's units."""
+    s, show = result.spread, result.claim.show
+    if s is None:
+        return MISSING
+    if s.n == 1:
+        return f"{show(s.mean)} (1 seed)"
+    spread = show(s.sd).lstrip("+")
+    return f"{show(s.mean)} ± {spread} ({s.n} seeds)"
+
+
+def claim_rows(runs: Runs) -> list[tuple[str, str, str, str, str, str]]:
+    """(ablation title, what, paper, ours per arm, d̄ ± sd, verdict) per claim; MISSING where an arm has not run."""
+    titles = {a.name: a.title for a in ABLATIONS}
     rows = []
-    for ablation in ABLATIONS:
-        arm, baseline = runs.get(ablation.arm), runs.get(ablation.baseline)
-        for claim in CLAIMS[ablation.name]:
-            if arm is None or baseline is None:
-                ours, holds = MISSING, MISSING
-            else:
-                ours, ok = claim.measure(arm, baseline)
-                holds = "yes" if ok else "no"
-            rows.append((ablation.title, claim.what, claim.paper, ours, holds))
+    for claim in CLAIMS:
+        result = claim_result(claim, runs)
+        rows.append((titles[claim.ablation], claim.what, claim.paper, result.sides or NONE, _shown(result), result.verdict))
     return rows
 
 
@@ -201,89 +315,192 @@ def claim_rows(runs: dict[str, ArmRun | None]) -> list[tuple[str, str, str, str,
 
 
 def comparison_markdown(
-    runs: dict[str, ArmRun | None], plots: dict[str, str], notes: list[str] = (), link_plots: bool = True
+    runs: Runs, plots: dict[str, list[str]], notes: list[str] = (), link_plots: bool = True, seeds: list[int] | None = None
 ) -> str:
-    """The ablation report: claims (paper beside ours), the arms, then the paired-curve plots.
+    """The ablation report: claims (paper beside ours, with spreads and the rule), the arms (mean ± sd), the values
+    of every seed, then the plots.
 
-    runs: recipe stem -> ArmRun, or None for an arm that has not run; plots: ablation name -> PNG path relative to
-    the report, shown as an image, or with link_plots=False as text (for viewers that cannot reach the files)."""
+    runs: arm stem -> {seed: ArmRun} (absent or empty: not run); plots: ablation name -> PNG paths relative to the
+    report, shown as images, or with link_plots=False as text (for viewers that cannot reach the files); seeds: the
+    seeds asked for (default: those found)."""
+    seeds = seeds if seeds is not None else sorted({s for arm in runs.values() for s in arm})
     lines = [
-        "# Ablations: the paper's claims at small scale",
+        "# Ablations: the paper's claims at small scale, over seeds",
         "",
-        "Paired pretraining runs that differ in one recipe switch (same seed, data and tokenizer). "
-        "A pair that has not run is shown as missing.",
+        f"Arms of one ablation differ in one recipe switch (same data and tokenizer); each runs with the seeds "
+        f"{', '.join(map(str, seeds)) or NONE}, and arms with the same seed (same initialisation and data order) are "
+        "paired. An arm that has not run is shown as missing.",
+        "",
+        "**What these runs cannot show.** A few minutes of a 2-core CPU trains ~4·10^5 tokens; in-context copying "
+        "(induction heads) needs on the order of 10^7 tokens at these batch and context sizes (Olsson et al. 2022; "
+        "Aoyama et al. 2025: ~10^5.7·√(batch·context) tokens), so passkey retrieval and GRPO gains on held-out "
+        "arithmetic are out of reach here; the probe recipes (`dsv3 probes`, recipes/probes/) isolate those effects "
+        "on data where a CPU can show them.",
         "",
         "## Claims",
         "",
-        "| ablation | compared | paper | ours | as in the paper |",
-        "|---|---|---|---|---|",
+        "| ablation | compared | paper | ours: arm vs baseline (mean ± sd) | paired difference d̄ ± sd | holds |",
+        "|---|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in claim_rows(runs)),
         "",
-        CRITERIA,
+        RULE,
         "",
         "## Arms",
         "",
-        "| ablation | arm | recipe | switch | validation loss (main head) | bits/byte | global MaxVio "
-        "| MTP acceptance | steps | pretrain time | MLflow run |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|",
+        "| ablation | arm | recipe | switch | seeds | validation loss (main head) | bits/byte | global MaxVio "
+        "| MTP acceptance | steps | pretrain time |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for ablation in ABLATIONS:
-        for stem in (ablation.arm, ablation.baseline):
-            lines.append(_arm_row(ablation, stem, runs.get(stem)))
+        for stem in ablation.arms:
+            lines.append(_arm_row(ablation, stem, runs.get(stem) or {}))
     lines.append("")
     if notes:
         lines += [*notes, ""]
-    lines += ["## Paired curves", ""]
+    lines += ["## Per seed", ""]
+    lines += _per_seed_tables(runs, seeds)
+    lines += ["## Curves", "", "Lines: the mean over seeds; bands: the seeds' range.", ""]
     for ablation in ABLATIONS:
-        plot = plots.get(ablation.name)
-        shown = MISSING if not plot else f"![{ablation.name}]({plot})" if link_plots else f"Plot `{plot}`"
-        lines += [f"### {ablation.title}", "", shown, ""]
+        shown = [f"![{ablation.name}]({p})" if link_plots else f"Plot `{p}`" for p in plots.get(ablation.name, [])]
+        lines += [f"### {ablation.title}", "", *(shown or [MISSING]), ""]
     return "\n".join(lines)
 
 
-def _arm_row(ablation: Ablation, stem: str, run: ArmRun | None) -> str:
-    if run is None:
-        return (
-            f"| {ablation.name} | {stem} | {MISSING} | {ablation.switch} | "
-            + " | ".join([MISSING] * 6)
-            + f" | {NONE} |"
-        )
-    m = run.metrics
-    acceptance = f"{run.acceptance:.1%}" if run.acceptance is not None else "n/a (no MTP module)"
-    return (
-        f"| {ablation.name} | {stem} | {run.recipe} | {ablation.switch} = {run.switch_value} | {run.val_loss:.4f} | "
-        f"{m['final_val_bits_per_byte']:.4f} | {run.maxvio:.3f} | {acceptance} | {m['steps']:.0f} | "
-        f"{m['stage_seconds']:.0f} s | {run.mlflow_run_id or NONE} |"
+def _arm_row(ablation: Ablation, stem: str, seeds: Seeds) -> str:
+    if not seeds:
+        return f"| {ablation.name} | {stem} | {MISSING} | {ablation.switch} | 0 | " + " | ".join([MISSING] * 6) + " |"
+    runs = [seeds[s] for s in sorted(seeds)]
+    first = runs[0]
+    switch = f"{ablation.switch} = {first.switch_value}"
+    acceptance = (
+        _mean_sd([r.acceptance for r in runs], "{:.1%}") if all(r.acceptance is not None for r in runs) else "n/a (no MTP module)"
     )
+    cells = [
+        _mean_sd([r.val_loss for r in runs], "{:.4f}"),
+        _mean_sd([r.metrics["final_val_bits_per_byte"] for r in runs], "{:.4f}"),
+        _mean_sd([r.maxvio for r in runs], "{:.3f}"),
+        acceptance,
+        f"{first.metrics['steps']:.0f}",
+        _mean_sd([r.metrics["stage_seconds"] for r in runs], "{:.0f}") + " s",
+    ]
+    return f"| {ablation.name} | {stem} | {first.recipe} | {switch} | {len(runs)} | {' | '.join(cells)} |"
 
 
-def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
-    points = sorted({r["step"]: r[key] for r in history if key in r}.items())
-    return [s for s, _ in points], [v for _, v in points]
+def _per_seed_tables(runs: Runs, seeds: list[int]) -> list[str]:
+    """One table per claim: each seed's arm and baseline values and d_s; then each arm's values per seed."""
+    lines = []
+    for claim in CLAIMS:
+        result = claim_result(claim, runs)
+        head = f"**{claim.what}** ({claim.arm}" + (f" vs {claim.baseline})" if claim.baseline else ")")
+        lines += [head, "", "| seed | " + ("value |" if claim.baseline is None else "arm | baseline | d_s |"), "|---|---|" + ("" if claim.baseline is None else "---|---|")]
+        for seed in seeds:
+            if seed not in result.per_seed:
+                lines.append(f"| {seed} | " + " | ".join([MISSING] * (1 if claim.baseline is None else 3)) + " |")
+                continue
+            if claim.baseline is None:
+                lines.append(f"| {seed} | {claim.show(result.per_seed[seed])} |")
+                continue
+            arm, base = (claim.quantity_format.format(claim.quantity(runs[stem][seed])) for stem in (claim.arm, claim.baseline))
+            lines.append(f"| {seed} | {arm} | {base} | {claim.show(result.per_seed[seed])} |")
+        lines.append("")
+    lines += ["**Every arm** (validation loss / global MaxVio / MTP acceptance; MLflow run of the pretrain stage)", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for ablation in ABLATIONS:
+        for stem in ablation.arms:
+            cells = []
+            for seed in seeds:
+                run = (runs.get(stem) or {}).get(seed)
+                if run is None:
+                    cells.append(MISSING)
+                    continue
+                acc = f" / {run.acceptance:.1%}" if run.acceptance is not None else ""
+                cells.append(f"{run.val_loss:.4f} / {run.maxvio:.3f}{acc} ({run.mlflow_run_id or NONE})")
+            lines.append(f"| {stem} | {' | '.join(cells)} |")
+    return [*lines, ""]
 
 
-def plot_pair(ablation: Ablation, arm: ArmRun, baseline: ArmRun, path: Path) -> Path:
-    """Two panels against the optimizer step: training CE (lines) and validation loss (markers) of the main head;
-    batch MaxVio (lines) and global MaxVio on the validation set (markers). One colour per arm."""
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _series(history: list[dict[str, float]], key: str) -> dict[float, float]:
+    return {r["step"]: r[key] for r in history if key in r}
+
+
+def _band(ax, seeds: Seeds, key: str, colour: str, label: str, marker: str | None = None) -> None:
+    """The mean over seeds of `key` against the step (a line, or markers), and the seeds' min–max as a band."""
+    series = [_series(run.history, key) for run in seeds.values()]
+    steps = sorted(set().union(*series)) if series else []
+    if not steps:
+        return
+    values = [[s[step] for s in series if step in s] for step in steps]
+    mean = [statistics.fmean(v) for v in values]
+    ax.plot(steps, mean, f"{marker}-" if marker else "-", color=colour, markersize=4, label=label)
+    if len(seeds) > 1:
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15, linewidth=0)
+
+
+def plot_curves(ablation: Ablation, runs: Runs, path: Path) -> Path:
+    """Two panels against the optimizer step, one colour per arm: training CE (line) and validation loss (markers)
+    of the main head; batch MaxVio (line) and global MaxVio on the validation set (markers). Mean over seeds, the
+    seeds' range as a band."""
     fig, (loss_ax, vio_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (stem, run), colour in zip(
-        ((ablation.arm, arm), (ablation.baseline, baseline)), ("C0", "C1"), strict=True
-    ):
-        for ax, line_key, point_key in (
-            (loss_ax, "train/ce", "val/loss"),
-            (vio_ax, "train/maxvio_batch", "val/maxvio_global"),
-        ):
-            steps, values = _series(run.history, line_key)
-            ax.plot(steps, values, color=colour, alpha=0.5, label=f"{stem} {line_key}")
-            steps, values = _series(run.history, point_key)
-            ax.plot(steps, values, "o-", color=colour, markersize=4, label=f"{stem} {point_key}")
+    for stem, colour in zip(ablation.arms, ("C0", "C1", "C2", "C3"), strict=False):
+        seeds = runs.get(stem) or {}
+        for ax, line_key, point_key in ((loss_ax, "train/ce", "val/loss"), (vio_ax, "train/maxvio_batch", "val/maxvio_global")):
+            _band(ax, seeds, line_key, colour, f"{stem} {line_key}")
+            _band(ax, seeds, point_key, colour, f"{stem} {point_key}", marker="o")
     loss_ax.set_ylabel("cross-entropy, main head (nats/token)")
     vio_ax.set_ylabel("MaxVio")
     for ax in (loss_ax, vio_ax):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{ablation.title} ({ablation.switch})")
+        ax.legend(fontsize=7)
+    n = max((len(runs.get(stem) or {}) for stem in ablation.arms), default=0)
+    fig.suptitle(f"{ablation.title} ({ablation.switch}; {n} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def moe_layers(runs: Runs, stems: tuple[str, ...]) -> list[int]:
+    """The decoder layers whose per-layer MaxVio the arms' histories hold (train/maxvio_batch_layer<i>)."""
+    found = {
+        int(m.group(1))
+        for stem in stems
+        for run in (runs.get(stem) or {}).values()
+        for record in run.history
+        for key in record
+        if (m := re.fullmatch(r"train/maxvio_batch_layer(\d+)", key))
+    }
+    return sorted(found)
+
+
+def plot_maxvio(ablation: Ablation, runs: Runs, path: Path) -> Path:
+    """MaxVio against the step as the balancing paper plots it, one colour per arm: the first panel averaged over the
+    MoE layers (batch MaxVio as a line, global MaxVio on the validation set as markers), then one panel per MoE
+    layer (the same two for that layer alone). Mean over seeds, the seeds' range as a band."""
+    layers = moe_layers(runs, ablation.arms)
+    panels = [("all MoE layers (mean)", "train/maxvio_batch", "val/maxvio_global")] + [
+        (f"layer {i}", f"train/maxvio_batch_layer{i}", f"val/maxvio_global_layer{i}") for i in layers
+    ]
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    for ax, (title, batch_key, global_key) in zip(axes.flat, panels, strict=False):
+        for stem, colour in zip(ablation.arms, ("C0", "C1", "C2", "C3"), strict=False):
+            seeds = runs.get(stem) or {}
+            _band(ax, seeds, batch_key, colour, f"{stem} batch")
+            _band(ax, seeds, global_key, colour, f"{stem} global (validation)", marker="o")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("MaxVio = (max load − mean) / mean")
+    axes[0][0].legend(fontsize=7)
+    n = max((len(runs.get(stem) or {}) for stem in ablation.arms), default=0)
+    fig.suptitle(f"MaxVio over training: {', '.join(ablation.arms)} ({n} seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

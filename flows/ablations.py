@@ -1,26 +1,33 @@
-"""The ablation flow: paired pretraining runs through the pipeline's stage code, compared with the papers.
+"""The ablation flow: pretraining ablations over several seeds through the pipeline's stage code, compared with the
+papers.
 
-    dsv3 ablations [--recipes recipes/ablations] [--runs-dir runs]        (what `make ablations` runs)
+    dsv3 ablations [--recipes recipes/ablations] [--runs-dir runs] [--seeds 3] [--only fp8,mtp]   (`make ablations`)
 
-Every `<stem>.yaml` in the recipes folder is one arm of an ablation of dsv3.ablation_report.ABLATIONS (fp8 / bf16,
-loss-free / aux-loss, mtp-on / mtp-off); the two arms of a pair must differ in exactly the ablation's switch. Each
-arm runs its recipe's stages through the manifest runner inside Prefect tasks, so a rerun reuses finished runs; a
-stage whose key another arm already finished (same recipe sections, inputs and code) is reused from the stage
-store (dsv3.stages.runs): the six arms train one tokenizer, and mtp-on (loss-free but for the name) reuses
-loss-free's pretraining.
+Every `<stem>.yaml` in the recipes folder is one arm of an ablation of dsv3.ablation_report.ABLATIONS (FP8 at hidden
+512: fp8-wide / fp8-wide-tensorwise / fp8-wide-bf16; loss-free / aux-loss / no-balancing; mtp-on / mtp-off); the arms
+of an ablation must differ in exactly its switch. Each arm runs with `seeds` seeds — the recipe's own seed s0, then
+s0+1, ... as `--set seed=<s>` variants (runs/<recipe>/seed=<s>-<digest>/) — seed by seed, so an interrupted flow
+leaves whole pairs. Each (arm, seed) runs its recipe's stages through the manifest runner inside Prefect tasks, so a
+rerun reuses what finished: a stage whose key another arm or an earlier flow already finished (same recipe sections,
+seed, inputs and code) is reused from the stage store (dsv3.stages.runs) — mtp-on (loss-free but for the name) reuses
+loss-free's pretraining, and `--seeds 5` after `--seeds 3` trains only the two new seeds.
 
-MLflow, one experiment (`dsv3-ablations`): a run `ablations` per flow run; under it one run per arm, tagged
-ablation=<fp8|balancing|mtp> and arm=<stem>, holding the arm's key metrics; under that the stage runs. At the end,
-the MTP acceptance rate of every arm that has an MTP module (greedy speculative decoding on validation prompts),
-then the comparison — runs/ablations/ablations.md and .html and one PNG of paired curves per ablation — as a
-Prefect markdown artifact and as artifacts of the `ablations` run. An arm that fails is reported and the others
-go on; the flow then raises, naming it.
+MLflow, one experiment (`dsv3-ablations`): a run `ablations` per flow run (param seeds); under it one run per arm,
+tagged ablation=<name> and arm=<stem>, with each key metric's mean and sd over the seeds; under that one run per seed
+(param seed, the seed's key metrics); under that the stage runs. At the end, the MTP acceptance rate of every
+(arm, seed) with an MTP module (greedy speculative decoding on validation prompts), then the comparison —
+runs/ablations/ablations.md and .html, a PNG of curves per ablation and the balancing MaxVio plot — as a Prefect
+markdown artifact and as artifacts of the `ablations` run. An (arm, seed) that fails is reported and the others go
+on; the flow then raises, naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import statistics
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,11 @@ from dsv3.ablation_report import (
     ARMS,
     Ablation,
     ArmRun,
+    Runs,
     check_pair,
     comparison_markdown,
-    plot_pair,
+    plot_curves,
+    plot_maxvio,
 )
 from dsv3.config import Recipe, flatten, load_recipe
 from dsv3.data.corpus import recipe_corpus
@@ -54,18 +63,19 @@ from flows.pipeline import retry_crashes_only, run_and_publish
 
 EXPERIMENT = "dsv3-ablations"
 REPORT_DIR = "ablations"  # runs/ablations/: the comparison
-ARM_METRICS = ("final_val_loss", "final_val_bits_per_byte", "final_val_maxvio_global", "best_val_loss")
+ARM_METRICS = ("final_val_loss", "final_val_bits_per_byte", "final_val_maxvio_global", "best_val_loss", "stage_seconds")
+DEFAULT_SEEDS = 3
 
 
 @task(persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=retry_crashes_only)
 def arm_stage_task(
     stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str, tags: dict[str, str]
 ) -> dict[str, Any]:
-    """Run one stage of one arm through the manifest runner, nested in the arm's MLflow run."""
+    """Run one stage of one (arm, seed) through the manifest runner, nested in that seed's MLflow run."""
     parsed = Recipe.model_validate(recipe)
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     tracker.parent_id = parent_run_id
-    result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of ablation arm {parsed.name}")
+    result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of ablation arm {parsed.name}, seed {parsed.seed}")
     if isinstance(result, dict) and result["action"] != "skipped":
         tracker.set_tags(result["mlflow_run_id"], tags)
     return result
@@ -97,7 +107,7 @@ def acceptance_task(
     rate = acceptance.mtp_acceptance(model, acceptance.acceptance_prompts(tokenizer, texts, prompts, prompt_tokens), new_tokens)
     if key:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cached, {"acceptance_rate": rate, "arm": parsed.name})
+        write_json_atomic(cached, {"acceptance_rate": rate, "arm": parsed.name, "seed": parsed.seed})
     return rate
 
 
@@ -106,31 +116,46 @@ def ablations(
     recipes_dir: str = "recipes/ablations",
     runs_dir: str = "runs",
     acceptance: tuple[int, int, int] = (8, 32, 32),
+    seeds: int = DEFAULT_SEEDS,
+    only: list[str] | None = None,
 ) -> Path:
-    """Run every arm found in `recipes_dir`, then write and publish the comparison; returns ablations.md.
+    """Run every arm found in `recipes_dir` with `seeds` seeds, then write and publish the comparison; returns
+    ablations.md.
 
-    acceptance: (prompts, prompt tokens, new tokens) of the MTP acceptance measurement."""
+    acceptance: (prompts, prompt tokens, new tokens) of the MTP acceptance measurement; only: names of the ablations to
+    run (default all; the others show as missing)."""
     arms = load_arms(recipes_dir)
+    chosen = select_ablations(only)
     logger = get_run_logger()
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
-    runs: dict[str, ArmRun | None] = {stem: None for stem in ARMS}
+    stems = [stem for ablation in chosen for stem in ablation.arms if stem in arms]
+    for ablation in chosen:
+        for stem in ablation.arms:
+            if stem not in arms:
+                logger.info("%-9s %-19s no recipe in %s: missing", ablation.name, stem, recipes_dir)
+    seed_list = arm_seeds(arms, stems, seeds)
+    runs: Runs = {stem: {} for stem in ARMS}
     failures: list[str] = []
     tags = {"dsv3.flow": "ablations", "dsv3.recipes": str(recipes_dir), "dsv3.code_version": code_version()}
-    with tracker.pipeline_run("ablations", tags=tags) as top_id:
-        for ablation in ABLATIONS:
-            for stem in (ablation.arm, ablation.baseline):
-                if stem not in arms:
-                    logger.info("%-9s %-9s no recipe in %s: missing", ablation.name, stem, recipes_dir)
-                    continue
+    with tracker.pipeline_run("ablations", tags=tags) as top_id, ExitStack() as arm_runs:
+        tracker.log_params(top_id, {"seeds": seeds, "ablations": ",".join(a.name for a in chosen)})
+        arm_ids = {stem: arm_runs.enter_context(arm_run_context(runs_dir, ARMS[stem], stem, arms[stem], top_id)) for stem in stems}
+        for index in range(seeds):  # seed-major: an interrupted flow leaves whole pairs
+            for stem in stems:
                 path, recipe = arms[stem]
+                seeded = seed_variant(path, recipe, index)
                 try:
-                    runs[stem] = run_arm(ablation, stem, path, recipe, runs_dir, top_id, acceptance)
-                except Exception as err:  # the other arms go on; the flow fails at the end
-                    failures.append(f"{stem}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                    run = run_seed(ARMS[stem], stem, path, seeded, runs_dir, arm_ids[stem], acceptance)
+                except Exception as err:  # the other (arm, seed)s go on; the flow fails at the end
+                    failures.append(f"{stem} seed {seeded.seed}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                     logger.error("arm %s failed: %s", stem, failures[-1])
                     continue
+                if run is not None:
+                    runs[stem][seeded.seed] = run
+        for stem in stems:
+            log_arm_spread(tracker, arm_ids[stem], runs[stem])
         notes = [f"Arm {f} (rerun `make ablations` to resume it)." for f in failures]
-        report = publish(runs, Path(runs_dir) / REPORT_DIR, tracker, top_id, notes)
+        report = publish(runs, Path(runs_dir) / REPORT_DIR, tracker, top_id, notes, seed_list)
     logger.info("comparison: %s", report)
     logger.info("MLflow: %s, experiment %s; `make ui` to browse", tracker.uri, EXPERIMENT)
     if failures:
@@ -139,8 +164,36 @@ def ablations(
     return report
 
 
+def select_ablations(only: list[str] | None) -> list[Ablation]:
+    """The ablations named in `only` (all when None), in ABLATIONS order; ValueError naming an unknown one."""
+    names = [a.name for a in ABLATIONS]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(f"--only {','.join(unknown)}: not an ablation; choose from {', '.join(names)}")
+    return [a for a in ABLATIONS if only is None or a.name in only]
+
+
+def arm_seeds(arms: dict[str, tuple[str, Recipe]], stems: list[str], seeds: int) -> list[int]:
+    """The seeds the flow runs: s0, s0+1, ... (s0 = the arms' common seed); ValueError when the arms disagree on s0
+    (their pairs would not share initialisation and data order) or seeds < 1."""
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: run at least one seed (3 or more to tell an effect from noise)")
+    first = {arms[stem][1].seed for stem in stems}
+    if len(first) > 1:
+        raise ValueError(f"the arm recipes set different seeds ({sorted(first)}); give them one seed, the flow adds the others")
+    base = first.pop() if first else 0
+    return [base + i for i in range(seeds)]
+
+
+def seed_variant(path: str, recipe: Recipe, index: int) -> Recipe:
+    """The arm's recipe for its index-th seed: itself for 0, else reloaded with `--set seed=<s0 + index>` (its own
+    run folder, named by the override)."""
+    return recipe if index == 0 else load_recipe(path, [*recipe.overrides, f"seed={recipe.seed + index}"])
+
+
 def load_arms(recipes_dir: str | Path) -> dict[str, tuple[str, Recipe]]:
-    """{stem: (path, recipe)} of the recipes in the folder; each stem an arm, each pair differing in its switch."""
+    """{stem: (path, recipe)} of the recipes in the folder; each stem an arm, the arms of an ablation differing in
+    its switch only (each checked against the ablation's first arm)."""
     paths = sorted(Path(recipes_dir).glob("*.yaml"))
     if not paths:
         raise ValueError(f"{recipes_dir}: no recipes (*.yaml); pass the folder of the ablation recipes")
@@ -152,91 +205,121 @@ def load_arms(recipes_dir: str | Path) -> dict[str, tuple[str, Recipe]]:
             )
         arms[path.stem] = (str(path), load_recipe(path))
     for ablation in ABLATIONS:
-        if ablation.arm in arms and ablation.baseline in arms:
-            check_pair(ablation, flatten(arms[ablation.arm][1]), flatten(arms[ablation.baseline][1]))
+        first, *others = [stem for stem in ablation.arms if stem in arms] or [None]
+        for stem in others:
+            check_pair(ablation, flatten(arms[first][1]), flatten(arms[stem][1]), (first, stem))
     return arms
 
 
-def run_arm(
+@contextmanager
+def arm_run_context(runs_dir: str, ablation: Ablation, stem: str, arm: tuple[str, Recipe], top_id: str) -> Iterator[str]:
+    """The arm's MLflow run under the `ablations` run, its switch (and companions) as params; its seeds' runs nest
+    under it."""
+    path, recipe = arm
+    tracker = Tracker(runs_dir, experiment=EXPERIMENT)
+    tags = {"ablation": ablation.name, "arm": stem, PARENT_TAG: top_id, "dsv3.recipe": recipe.name, "dsv3.recipe_path": path}
+    with tracker.pipeline_run(recipe.name, tags=tags) as run_id:
+        flat = flatten(recipe)
+        tracker.log_params(run_id, {k: flat[k] for k in (ablation.switch, *ablation.also)})
+        yield run_id
+
+
+def run_seed(
     ablation: Ablation,
     stem: str,
     path: str,
     recipe: Recipe,
     runs_dir: str,
-    top_id: str,
+    arm_run_id: str,
     acceptance: tuple[int, int, int],
 ) -> ArmRun | None:
-    """The arm's stages in order (a stage another arm finished with the same key is reused from the stage store),
-    then its MTP acceptance rate, in the arm's MLflow run; the arm's finished pretraining, or None when the recipe
-    has no pretrain stage."""
+    """One seed of one arm: its stages in order (a stage another arm or an earlier flow finished with the same key is
+    reused from the stage store), then its MTP acceptance rate, in a seed run nested in the arm's MLflow run; the
+    finished pretraining, or None when the recipe has no pretrain stage."""
     logger = get_run_logger()
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
-    tags = {"ablation": ablation.name, "arm": stem}
-    run_tags = tags | {PARENT_TAG: top_id, "dsv3.recipe": recipe.name, "dsv3.recipe_path": path}
-    with tracker.pipeline_run(recipe.name, tags=run_tags) as arm_run_id:
-        tracker.log_params(
-            arm_run_id, {ablation.switch: flatten(recipe)[ablation.switch], "seed": recipe.seed}
-        )
+    tags = {"ablation": ablation.name, "arm": stem, "seed": str(recipe.seed)}
+    run_tags = tags | {PARENT_TAG: arm_run_id, "dsv3.recipe": recipe.name, "dsv3.recipe_path": path}
+    with tracker.pipeline_run(f"{stem} seed {recipe.seed}", tags=run_tags) as seed_run_id:
+        tracker.log_params(seed_run_id, {ablation.switch: flatten(recipe)[ablation.switch], "seed": recipe.seed})
         record_run(runs_dir, recipe, path)
         for stage in recipe.pipeline.stages:
-            state = arm_stage_task.with_options(name=f"{stem}-{stage}")(
-                stage, recipe.model_dump(mode="json"), str(runs_dir), arm_run_id, tags, return_state=True
+            state = arm_stage_task.with_options(name=f"{stem}-seed{recipe.seed}-{stage}")(
+                stage, recipe.model_dump(mode="json"), str(runs_dir), seed_run_id, tags, return_state=True
             )
             result = state.result(raise_on_failure=False)
             if isinstance(result, BaseException):
                 raise result
             if state.is_failed():
                 raise StageFailed(result["failure"]["message"])
-            logger.info("%-9s %-10s %s", stem, stage, result["action"])
+            logger.info("%-19s seed %-5d %-10s %s", stem, recipe.seed, stage, result["action"])
         run = arm_run(recipe, runs_dir, ablation.switch)
         if run is None:
             return None
         metrics = {k: run.metrics[k] for k in ARM_METRICS}
         if recipe.model.num_nextn_predict_layers > 0:
-            run.acceptance = acceptance_task.with_options(name=f"{stem}-mtp-acceptance")(
+            run.acceptance = acceptance_task.with_options(name=f"{stem}-seed{recipe.seed}-mtp-acceptance")(
                 recipe.model_dump(mode="json"), str(runs_dir), *acceptance
             )
             metrics["mtp_acceptance_rate"] = run.acceptance
-        tracker.log_metrics(arm_run_id, metrics)
+        tracker.log_metrics(seed_run_id, metrics)
     return run
 
 
+def log_arm_spread(tracker: Tracker, arm_run_id: str, seeds: dict[int, ArmRun]) -> None:
+    """The arm's run: <metric>_mean and <metric>_sd over its seeds (sd only with two or more), and the seed count."""
+    if not seeds:
+        return
+    runs = list(seeds.values())
+    values = {k: [r.metrics[k] for r in runs] for k in ARM_METRICS}
+    if all(r.acceptance is not None for r in runs):
+        values["mtp_acceptance_rate"] = [r.acceptance for r in runs]
+    metrics = {"seeds": float(len(runs))} | {f"{k}_mean": statistics.fmean(v) for k, v in values.items()}
+    if len(runs) > 1:
+        metrics |= {f"{k}_sd": statistics.stdev(v) for k, v in values.items()}
+    tracker.log_metrics(arm_run_id, metrics)
+
+
 def arm_run(recipe: Recipe, runs_dir: str, switch: str) -> ArmRun | None:
-    """The arm's finished pretraining as an ArmRun, or None when its pretrain stage has not completed."""
+    """The (arm, seed)'s finished pretraining as an ArmRun, or None when its pretrain stage has not completed."""
     workdir = run_root(runs_dir, recipe) / "pretrain"
     manifest = read_manifest(workdir)
     if manifest is None or manifest.status != "completed":
         return None
     history = json.loads((workdir / pretrain.RESULT).read_text())["history"]
     return ArmRun(
-        recipe.name, flatten(recipe)[switch], manifest.metrics, history, mlflow_run_id=manifest.mlflow_run_id
+        recipe.name, flatten(recipe)[switch], manifest.metrics, history, mlflow_run_id=manifest.mlflow_run_id, seed=recipe.seed
     )
 
 
 def publish(
-    runs: dict[str, ArmRun | None], out_dir: Path, tracker: Tracker, top_id: str, notes: list[str]
+    runs: Runs, out_dir: Path, tracker: Tracker, top_id: str, notes: list[str], seeds: list[int]
 ) -> Path:
-    """ablations.md / .html and the paired-curve PNGs in out_dir; a Prefect artifact; artifacts of the top run."""
+    """ablations.md / .html and the plots in out_dir; a Prefect artifact; artifacts of the top run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {}
+    plots: dict[str, list[str]] = {}
     for ablation in ABLATIONS:
-        arm, baseline = runs[ablation.arm], runs[ablation.baseline]
-        png = out_dir / f"{ablation.name}_curves.png"
-        if arm is not None and baseline is not None:
-            plots[ablation.name] = plot_pair(ablation, arm, baseline, png).name
-        else:
-            png.unlink(missing_ok=True)  # a stale plot of an earlier run would contradict "missing"
-    text = comparison_markdown(runs, plots, notes)
+        wanted = {f"{ablation.name}_curves.png": plot_curves} | (
+            {f"{ablation.name}_maxvio.png": plot_maxvio} if ablation.name == "balancing" else {}
+        )
+        ran = [stem for stem in ablation.arms if runs.get(stem)]
+        for name, plot in wanted.items():
+            png = out_dir / name
+            if len(ran) >= 2:
+                plots.setdefault(ablation.name, []).append(plot(ablation, runs, png).name)
+            else:
+                png.unlink(missing_ok=True)  # a stale plot of an earlier run would contradict "missing"
+    text = comparison_markdown(runs, plots, notes, seeds=seeds)
     md_path, html_path = out_dir / "ablations.md", out_dir / "ablations.html"
     md_path.write_text(text, encoding="utf-8")
     html_path.write_text(markdown_to_html(text, out_dir, "dsv3 ablations"), encoding="utf-8")
     create_markdown_artifact(
         key="dsv3-ablations",
         markdown=comparison_markdown(
-            runs, {n: str(out_dir / p) for n, p in plots.items()}, notes, link_plots=False
+            runs, {n: [str(out_dir / p) for p in ps] for n, ps in plots.items()}, notes, link_plots=False, seeds=seeds
         ),
         description=f"ablation comparison; {html_path} has the plots",
     )
-    for path in (md_path, html_path, *(out_dir / p for p in plots.values())):
+    for path in (md_path, html_path, *(out_dir / p for ps in plots.values() for p in ps)):
         tracker.log_artifact(top_id, path)
     return md_path

@@ -1,30 +1,21 @@
-"""The ablations: each recipe pair differs from its partner in exactly its switch; the claims' arithmetic on hand
-numbers; and the flow on smoke-sized arms — measured rows for the pairs that ran, "missing" for the other, one
-tokenizer and one pretraining shared where the keys match, and a rerun that starts no stage run."""
+"""flows/ablations.py and recipes/ablations/: each arm differs from its ablation's first arm in exactly its switch, the
+FP8 arms are wide enough for 128-blocks to matter, and the flow on smoke-sized arms over two seeds — measured rows
+with spreads for the pairs that ran, "missing" for the others, one pretraining shared where the keys match, per-seed
+MLflow runs, per-layer MaxVio in the histories, and a rerun that starts no stage run."""
 
-import math
 import re
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dsv3.ablation_report import (
-    ABLATIONS,
-    ARMS,
-    CLAIMS,
-    ArmRun,
-    check_pair,
-    claim_rows,
-    comparison_markdown,
-    recipe_differences,
-    relative_gap,
-)
-from dsv3.config import RecipeError, flatten, load_recipe
+from dsv3.ablation_report import ABLATIONS, ARMS, recipe_differences
+from dsv3.config import flatten, load_recipe
+from dsv3.fp8 import fp8_scaling
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runs import run_root
 from dsv3.tracking import tracking_uri
-from flows.ablations import EXPERIMENT, ablations, load_arms
+from flows.ablations import EXPERIMENT, ablations, arm_seeds, load_arms, seed_variant, select_ablations
 from tests.conftest import RECIPES
 
 ABLATION_RECIPES = RECIPES / "ablations"
@@ -39,86 +30,43 @@ def test_recipe_folder_holds_every_arm():
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: a.name)
-def test_pair_differs_in_its_switch_only(ablation):
-    try:
-        arm, baseline = _flat(ablation.arm), _flat(ablation.baseline)
-    except RecipeError as err:  # FP8 lands in the schema with the precision plugin
-        if ablation.name == "fp8" and "pretrain.precision" in str(err):
-            pytest.skip(f"the schema does not accept FP8 yet: {err}")
-        raise
-    assert ablation.switch in recipe_differences(arm, baseline)
-    assert set(recipe_differences(arm, baseline)) <= {ablation.switch, *ablation.also}
-    assert arm["name"] != baseline["name"]
-    tiny = flatten(load_recipe(RECIPES / "tiny.yaml"))
-    for flat in (
-        arm,
-        baseline,
-    ):  # overlays of tiny: its seed and data, only the stages and the switch changed
-        assert set(recipe_differences(flat, tiny)) <= {"pipeline.stages", ablation.switch, *ablation.also}
-        assert flat["pipeline.stages"] == ["tokenizer", "pretrain"]
-    check_pair(ablation, arm, baseline)
+def test_arms_differ_in_their_switch_only(ablation):
+    first, *others = (_flat(stem) for stem in ablation.arms)
+    base = flatten(load_recipe(ABLATION_RECIPES / "base" / ("wide.yaml" if ablation.name == "fp8" else "tiny.yaml")))
+    for other in others:
+        diff = recipe_differences(first, other)
+        assert ablation.switch in diff and set(diff) <= {ablation.switch, *ablation.also}
+    for flat in (first, *others):  # overlays of the ablation's base: its seed, data and sizes; only the switch changed
+        assert set(recipe_differences(flat, base)) <= {ablation.switch, *ablation.also}
+        assert flat["pipeline.stages"] == ["tokenizer", "pretrain"] and flat["seed"] == 1234
+    load_arms(ABLATION_RECIPES)  # checks every pair
 
 
-def test_check_pair_names_a_second_difference():
-    ablation = ABLATIONS[1]
-    arm = {"name": "a", "pretrain.balancing": "loss_free", "seed": 1}
-    baseline = {"name": "b", "pretrain.balancing": "aux_loss", "seed": 2}
-    with pytest.raises(ValueError, match=r"must differ only in pretrain.balancing .*seed: 1 vs 2"):
-        check_pair(ablation, arm, baseline)
+def test_fp8_arms_span_several_blocks_per_row_and_weight():
+    flat = _flat("fp8-wide")
+    assert flat["model.hidden_size"] >= 512 and flat["model.moe_intermediate_size"] >= 256
+    precisions = {s: _flat(s)["pretrain.precision"] for s in ABLATIONS[0].arms}
+    assert precisions == {"fp8-wide": "fp8-blockwise", "fp8-wide-tensorwise": "fp8-tensorwise", "fp8-wide-bf16": "bf16-mixed"}
+    assert fp8_scaling(precisions["fp8-wide-tensorwise"]) == "tensorwise"  # one scale per tensor: test_fp8_tensorwise.py
 
 
-def _arm(val_loss: float, maxvio: float = 0.5, acceptance: float | None = None) -> ArmRun:
-    metrics = {
-        "final_val_loss": val_loss,
-        "final_val_bits_per_byte": 1.5,
-        "final_val_maxvio_global": maxvio,
-        "steps": 98.0,
-        "stage_seconds": 240.0,
-    }
-    return ArmRun("r", "v", metrics, [], acceptance)
-
-
-def test_relative_gap_and_claims_on_hand_numbers():
-    assert relative_gap(4.008, 4.0) == pytest.approx(0.002)
-    assert relative_gap(3.96, 4.0) == pytest.approx(-0.01)
-    with pytest.raises(ValueError, match="non-zero"):
-        relative_gap(1.0, 0.0)
-    runs = {
-        "fp8": _arm(4.008),
-        "bf16": _arm(4.0),
-        "loss-free": _arm(3.96, maxvio=0.05),
-        "aux-loss": _arm(4.0, maxvio=0.5),
-        "mtp-on": None,
-        "mtp-off": _arm(4.0),
-    }
-    rows = {(r[0], r[1]): r[2:] for r in claim_rows(runs)}
-    fp8, maxvio, balance_loss = (rows[(a.title, c.what)] for a in ABLATIONS[:2] for c in CLAIMS[a.name])
-    assert fp8 == ("below 0.25% (16B and 230B MoE)", "+0.20% (4.0080 vs 4.0000)", "yes")
-    assert maxvio == ("0.04 vs 0.72 (1B MoE)", "0.050 vs 0.500", "yes")
-    paper_gap = (math.log(9.50) - math.log(9.56)) / math.log(9.56)
-    assert balance_loss == (f"{paper_gap:+.2%} (perplexity 9.50 vs 9.56)", "-1.00% (3.9600 vs 4.0000)", "yes")
-    assert balance_loss[0].startswith("-0.28%")
-    mtp_rows = [r for r in claim_rows(runs) if r[0] == ABLATIONS[2].title]
-    assert [r[3:] for r in mtp_rows] == [("missing", "missing")] * 2  # one arm missing: the pair is missing
-
-    runs["mtp-on"] = _arm(4.04, acceptance=0.5)
-    mtp_rows = [r[3:] for r in claim_rows(runs) if r[0] == ABLATIONS[2].title]
-    assert mtp_rows == [("+1.00% (4.0400 vs 4.0000)", "no"), ("50.0%", "no")]
-    runs["fp8"] = _arm(4.012)
-    assert claim_rows(runs)[0][3:] == ("+0.30% (4.0120 vs 4.0000)", "no")
-
-    text = comparison_markdown(runs | {"fp8": None, "bf16": None}, {"balancing": "balancing_curves.png"})
-    fp8_rows = [line for line in text.splitlines() if line.startswith("| fp8 |") or "FP8" in line]
-    assert fp8_rows and all("missing" in line for line in fp8_rows if line.startswith("|"))
-    assert "![balancing](balancing_curves.png)" in text
-    assert "n/a (no MTP module)" in text  # mtp-off: not measurable, and not a zero
+def test_seeds_are_variants_of_the_arm_recipes():
+    arms = load_arms(ABLATION_RECIPES)
+    assert arm_seeds(arms, list(arms), 3) == [1234, 1235, 1236]
+    path, recipe = arms["loss-free"]
+    assert seed_variant(path, recipe, 0) is recipe
+    second = seed_variant(path, recipe, 2)
+    assert second.seed == 1236 and second.overrides == ["seed=1236"]
+    assert recipe_differences(flatten(recipe), flatten(second)) == {"seed": (1234, 1236), "overrides": ([], ["seed=1236"])}
+    with pytest.raises(ValueError, match="at least one seed"):
+        arm_seeds(arms, list(arms), 0)
+    with pytest.raises(ValueError, match="--only mpt: not an ablation"):
+        select_ablations(["mpt"])
 
 
 def test_unknown_recipe_file_is_refused(tmp_path):
     (tmp_path / "fp16.yaml").write_text("name: x\n")
-    with pytest.raises(
-        ValueError, match="fp16.yaml: not an arm of any ablation; name the file one of fp8, bf16"
-    ):
+    with pytest.raises(ValueError, match="fp16.yaml: not an arm of any ablation; name the file one of fp8-wide"):
         load_arms(tmp_path)
 
 
@@ -135,7 +83,7 @@ def _stage_runs(client: MlflowClient, experiment_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_flow_runs_a_pair_reuses_and_reports_missing(tmp_path):
+def test_flow_runs_arms_over_seeds_reuses_and_reports_missing(tmp_path):
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     for stem, switch in SWITCHES.items():  # smoke-sized arms with the real switches
@@ -145,40 +93,45 @@ def test_flow_runs_a_pair_reuses_and_reports_missing(tmp_path):
             overlay[section] = overlay.get(section, {}) | values
         (recipes / f"{stem}.yaml").write_text(yaml.safe_dump(overlay))
     runs_dir = tmp_path / "runs"
-    report = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), acceptance=(2, 16, 8))
+    report = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), acceptance=(2, 16, 8), seeds=2)
     text = report.read_text()
 
     rows = claim_rows_from(text)
     fp8, balancing, mtp = ([r[3:] for r in rows if r[0] == a.title] for a in ABLATIONS)
-    assert fp8 == [["missing", "missing"]] and balancing == [["missing", "missing"]] * 2
-    assert mtp[0][0].endswith(")") and mtp[0][1] in ("yes", "no")  # the loss gap, measured
-    assert re.fullmatch(r"\d+\.\d%", mtp[1][0]) and mtp[1][1] in ("yes", "no")  # the acceptance rate
+    assert fp8 == [["missing", "missing", "missing"]] * 2 and balancing == [["missing", "missing", "missing"]] * 3
+    assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4} vs \d\.\d{4} ± \d\.\d{4}", mtp[0][0])  # the loss, per arm
+    assert mtp[0][1].endswith("(2 seeds)") and mtp[0][2] in ("yes", "no", "not resolved")
+    assert re.fullmatch(r"\d+\.\d% ± \d+\.\d% \(2 seeds\)", mtp[1][1])  # the acceptance rate over seeds
     assert (report.parent / "mtp_curves.png").stat().st_size > 10_000
-    assert (
-        not (report.parent / "fp8_curves.png").exists()
-        and not (report.parent / "balancing_curves.png").exists()
-    )
-    assert "n/a (no MTP module)" in text
+    assert not (report.parent / "fp8_curves.png").exists() and not (report.parent / "balancing_maxvio.png").exists()
+    assert "n/a (no MTP module)" in text and "| 0 | 1 |" not in text
     assert (report.parent / "ablations.html").read_text().count("data:image/png;base64,") == 1
 
-    # shared work: one tokenizer for all arms; mtp-on is loss-free but for the name and reuses its pretraining
+    # two seeds: the second a `seed=` variant of each arm; mtp-on is loss-free but for the name and reuses its
+    # pretraining in both seeds; the history holds per-layer MaxVio (smoke: MoE layer 1)
     client = MlflowClient(tracking_uri(runs_dir))
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     stage_runs = _stage_runs(client, experiment)
-    assert sorted(r.data.tags["dsv3.stage"] for r in stage_runs) == ["pretrain", "pretrain", "tokenizer"]
-    assert all(r.data.tags["ablation"] in ("balancing", "mtp") for r in stage_runs)
-    on, free = (read_manifest(run_root(runs_dir, load_recipe(recipes / f"{s}.yaml")) / "pretrain") for s in ("mtp-on", "loss-free"))
-    assert on.mlflow_run_id == free.mlflow_run_id
+    assert sorted(r.data.tags["dsv3.stage"] for r in stage_runs) == ["pretrain"] * 4 + ["tokenizer"] * 2
+    for index in (0, 1):
+        on, free = (
+            read_manifest(run_root(runs_dir, seed_variant(str(recipes / f"{s}.yaml"), load_recipe(recipes / f"{s}.yaml"), index)) / "pretrain")
+            for s in ("mtp-on", "loss-free")
+        )
+        assert on.mlflow_run_id == free.mlflow_run_id
+    history = client.get_metric_history(free.mlflow_run_id, "train/maxvio_batch_layer1")
+    assert history and client.get_metric_history(free.mlflow_run_id, "val/maxvio_global_layer1")
     runs = client.search_runs([experiment])
-    arm_runs = {
-        r.data.tags["arm"]: r for r in runs if "arm" in r.data.tags and "dsv3.stage" not in r.data.tags
-    }
-    assert set(arm_runs) == set(SWITCHES) and arm_runs["mtp-off"].data.tags["ablation"] == "mtp"
-    assert 0 <= arm_runs["mtp-on"].data.metrics["mtp_acceptance_rate"] <= 1
-    assert "mtp_acceptance_rate" not in arm_runs["mtp-off"].data.metrics
-    assert arm_runs["mtp-on"].data.tags["dsv3.reused.pretrain"] == free.mlflow_run_id
+    arm_runs = {r.data.tags["arm"]: r for r in runs if "arm" in r.data.tags and "seed" not in r.data.tags}
+    seed_runs = [r for r in runs if "seed" in r.data.tags and "dsv3.stage" not in r.data.tags]
+    assert set(arm_runs) == set(SWITCHES) and len(seed_runs) == 6
+    assert {r.data.params["seed"] for r in seed_runs} == {"0", "1"}  # smoke's seed 0, then 1
+    assert all(r.data.tags["mlflow.parentRunId"] == arm_runs[r.data.tags["arm"]].info.run_id for r in seed_runs)
+    on = arm_runs["mtp-on"].data.metrics
+    assert on["seeds"] == 2 and 0 <= on["mtp_acceptance_rate_mean"] <= 1 and "final_val_loss_sd" in on
+    assert "mtp_acceptance_rate_mean" not in arm_runs["mtp-off"].data.metrics
 
-    again = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), acceptance=(2, 16, 8))
+    again = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), acceptance=(2, 16, 8), seeds=2)
     assert again.read_text() == text  # the same measurements, read from the same finished runs
     assert len(_stage_runs(client, experiment)) == len(stage_runs)  # no stage ran again
 

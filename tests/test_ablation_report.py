@@ -1,0 +1,136 @@
+"""dsv3/ablation_report.py: the holds / fails / not-resolved rule on hand numbers, claims over seeds, the markdown (per
+seed values, missing arms) and the plots."""
+
+import math
+
+import pytest
+
+from dsv3.ablation_report import (
+    ABLATIONS,
+    CLAIMS,
+    FAILS,
+    HOLDS,
+    MISSING,
+    RULE,
+    UNRESOLVED,
+    ArmRun,
+    Spread,
+    check_pair,
+    claim_result,
+    claim_rows,
+    comparison_markdown,
+    moe_layers,
+    plot_curves,
+    plot_maxvio,
+    relative_gap,
+    verdict,
+)
+
+
+def test_direction_rule_on_hand_numbers():
+    # d̄ = 0.011, sd = 0.001: |d̄| > 2 sd -> resolved; the sign decides yes or no
+    assert verdict([0.010, 0.011, 0.012], "direction", +1) == HOLDS
+    assert verdict([0.010, 0.011, 0.012], "direction", -1) == FAILS
+    assert verdict([-0.010, -0.011, -0.012], "direction", -1) == HOLDS
+    # d̄ = 0.01, sd = 0.01: within 2 sd of zero -> not resolved, whatever the sign
+    assert verdict([0.0, 0.01, 0.02], "direction", +1) == UNRESOLVED
+    assert verdict([0.0, 0.01, 0.02], "direction", -1) == UNRESOLVED
+    # the boundary: d̄ = 2 sd exactly is not beyond the noise; a hair more is
+    assert Spread.of([2.0, 4.0, 6.0]) == Spread(4.0, 2.0, 3)
+    assert verdict([2.0, 4.0, 6.0], "direction", +1) == UNRESOLVED  # d̄ 4 = 2·sd
+    assert Spread.of([2.1, 4.0, 5.9]).sd == pytest.approx(1.9)
+    assert verdict([2.1, 4.0, 5.9], "direction", +1) == HOLDS  # d̄ 4 > 2·1.9
+    assert math.isnan(Spread.of([1.0]).sd)
+    assert verdict([-1.0, 1.0], "direction", +1) == UNRESOLVED
+    # one seed resolves nothing; identical differences are beyond a zero spread
+    assert verdict([0.5], "direction", +1) == UNRESOLVED
+    assert verdict([0.2, 0.2, 0.2], "direction", +1) == HOLDS
+
+
+def test_bound_and_threshold_rules_on_hand_numbers():
+    bound = 0.0025  # FP8: |gap| < 0.25%
+    assert verdict([0.0010, 0.0012, 0.0008], "bound", bound) == HOLDS  # 0.001 + 2*0.0002 < 0.0025
+    assert verdict([0.0010, 0.0030, -0.0010], "bound", bound) == UNRESOLVED  # 0.001 + 2*0.002 > 0.0025 > 0.001 - ...
+    assert verdict([0.030, 0.031, 0.029], "bound", bound) == FAILS  # 0.03 - 2*0.001 > 0.0025
+    assert verdict([-0.030, -0.031, -0.029], "bound", bound) == FAILS  # |d̄| counts
+    assert verdict([0.90, 0.91, 0.92], "threshold", 0.85) == HOLDS
+    assert verdict([0.50, 0.55, 0.60], "threshold", 0.85) == FAILS
+    assert verdict([0.70, 0.85, 1.00], "threshold", 0.85) == UNRESOLVED
+    with pytest.raises(ValueError, match="kind"):
+        verdict([1.0, 2.0], "sideways", 0)
+    assert "2·sd" in RULE and "not resolved" in RULE
+
+
+def arm(val_loss: float, maxvio: float = 0.5, acceptance: float | None = None, seed: int = 0) -> ArmRun:
+    metrics = {"final_val_loss": val_loss, "final_val_bits_per_byte": 1.5, "final_val_maxvio_global": maxvio,
+               "steps": 49.0, "stage_seconds": 120.0}
+    history = [{"step": 10.0, "train/ce": val_loss + 1, "train/maxvio_batch": maxvio, "train/maxvio_batch_layer1": maxvio,
+                "train/maxvio_batch_layer2": maxvio / 2},
+               {"step": 20.0, "val/loss": val_loss, "val/maxvio_global": maxvio, "val/maxvio_global_layer1": maxvio}]
+    return ArmRun(f"r{seed}", "v", metrics, history, acceptance, f"run{seed}", seed)
+
+
+def seeds(*values, **kw) -> dict:
+    return {s: arm(v, seed=s, **{k: w[i] for k, w in kw.items()}) for i, (s, v) in enumerate(zip((7, 8, 9), values, strict=False))}
+
+
+def test_claims_over_seeds_on_hand_numbers():
+    runs = {
+        "fp8-wide": seeds(4.004, 4.008, 4.006),
+        "fp8-wide-bf16": seeds(4.0, 4.0, 4.0),
+        "loss-free": seeds(3.96, 3.98, 4.0, maxvio=(0.05, 0.06, 0.07)),
+        "aux-loss": seeds(4.0, 4.0, 4.0, maxvio=(0.5, 0.6, 0.7)),
+        "mtp-on": seeds(3.9, 4.1, 4.0, acceptance=(0.5, 0.52, 0.54)),
+        "mtp-off": seeds(4.0, 4.0, 4.0),
+    }
+    rows = {(r[0], r[1]): r[2:] for r in claim_rows(runs)}
+    title = {a.name: a.title for a in ABLATIONS}
+    fp8 = rows[(title["fp8"], CLAIMS[0].what)]
+    # gaps 0.1%, 0.2%, 0.15%: d̄ 0.15%, sd 0.05% -> 0.15 + 0.1 = 0.25, not below the bound 0.25%: not resolved
+    assert fp8 == ("below 0.25% (16B and 230B MoE)", "4.0060 ± 0.0020 vs 4.0000 ± 0.0000", "+0.15% ± 0.05% (3 seeds)", UNRESOLVED)
+    scaling = rows[(title["fp8"], CLAIMS[1].what)]
+    assert scaling[2:] == (MISSING, MISSING)  # the per-tensor arm has not run: missing, never a zero
+    maxvio = rows[(title["balancing"], CLAIMS[2].what)]
+    assert maxvio[1:] == ("0.060 ± 0.010 vs 0.600 ± 0.100", "-0.540 ± 0.090 (3 seeds)", HOLDS)
+    loss = rows[(title["balancing"], CLAIMS[3].what)]
+    assert loss[0].startswith("-0.28%") and loss[2] == "-0.50% ± 0.50% (3 seeds)" and loss[3] == UNRESOLVED
+    assert rows[(title["balancing"], CLAIMS[4].what)][3] == MISSING
+    mtp_loss, acceptance = rows[(title["mtp"], CLAIMS[5].what)], rows[(title["mtp"], CLAIMS[6].what)]
+    assert mtp_loss[3] == UNRESOLVED and acceptance[1:] == ("—", "52.0% ± 2.0% (3 seeds)", FAILS)
+
+    # pairs are by seed: a seed only one arm ran is left out of the differences
+    runs["fp8-wide-bf16"] = {7: arm(4.0, seed=7), 8: arm(4.0, seed=8)}
+    result = claim_result(CLAIMS[0], runs)
+    assert sorted(result.per_seed) == [7, 8] and result.spread.n == 2
+    assert result.per_seed[7] == pytest.approx(relative_gap(4.004, 4.0))
+
+
+def test_markdown_shows_every_seed_and_missing_arms(tmp_path):
+    runs = {"loss-free": seeds(3.96, 3.98, 4.0), "aux-loss": seeds(4.0, 4.01, 4.02)}
+    text = comparison_markdown(runs, {"balancing": ["balancing_curves.png", "balancing_maxvio.png"]}, seeds=[7, 8, 9])
+    assert "seeds 7, 8, 9" in text and RULE in text and "10^7" in text  # the rule and what a CPU cannot show, up front
+    per_seed = text.split("## Per seed", 1)[1]
+    for value in ("3.9600", "3.9800", "4.0000", "4.0100", "4.0200"):
+        assert value in per_seed
+    assert "| loss-free | 3.9600 / 0.500 (run7) | 3.9800 / 0.500 (run8) | 4.0000 / 0.500 (run9) |" in per_seed
+    assert "| fp8-wide | missing | missing | missing |" in per_seed
+    assert "| fp8 | fp8-wide | missing |" in text  # arms table
+    assert "![balancing](balancing_maxvio.png)" in text
+    assert "| loss-free | r7 | pretrain.balancing = v | 3 | 3.9800 ± 0.0200 |" in text
+
+
+def test_plots_draw_every_arm_and_moe_layer(tmp_path):
+    runs = {"loss-free": seeds(3.9, 4.0, 4.1), "aux-loss": seeds(4.0, 4.0, 4.0), "no-balancing": {7: arm(4.1, 2.0, seed=7)}}
+    balancing = ABLATIONS[1]
+    assert moe_layers(runs, balancing.arms) == [1, 2]
+    assert plot_maxvio(balancing, runs, tmp_path / "m.png").stat().st_size > 10_000
+    assert plot_curves(balancing, runs, tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_check_pair_names_a_second_difference():
+    ablation = ABLATIONS[1]
+    a = {"name": "a", "pretrain.balancing": "loss_free", "seed": 1}
+    b = {"name": "b", "pretrain.balancing": "aux_loss", "seed": 2}
+    with pytest.raises(ValueError, match=r"must differ only in pretrain.balancing .*seed: 1 vs 2"):
+        check_pair(ablation, a, b)
+    check_pair(ablation, a, b | {"seed": 1, "model.aux_loss_alpha": 0.0})
