@@ -7,6 +7,7 @@ RUNS    ?= runs
 SET     ?=
 NAME    ?=
 SEEDS   ?= 3
+PROBE_SEEDS ?= 1
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
@@ -15,7 +16,7 @@ TORCH   ?= $(shell grep -E '^torch==' $(LOCK))
 # gpu-check's python: the venv's, else the machine's own (a lent GPU machine has torch but no venv)
 PY      ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
-.PHONY: setup lock test lint pipeline ablations ui serve clean-runs help gpu-check $(STAGES)
+.PHONY: setup lock test lint pipeline ablations probes ui serve clean-runs help gpu-check $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,6 +67,10 @@ pipeline:  ## run every stage of RECIPE through the Prefect flow (SET='--set k=v
 ablations:  ## ablation pretrainings over SEEDS seeds (recipes/ablations): FP8, balancing, MTP vs the papers -> RUNS/ablations/
 	@mkdir -p $(RUNS)
 	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS) --seeds $(SEEDS)
+
+probes:  ## the probes (recipes/probes): copying, retrieval and YaRN on synthetic rows; GRPO on a task SFT gets partly right
+	@mkdir -p $(RUNS)
+	$(DSV3) probes --recipes recipes/probes --runs-dir $(RUNS) --seeds $(PROBE_SEEDS)
 
 $(STAGES):
 	@mkdir -p $(RUNS)

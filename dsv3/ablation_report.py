@@ -183,6 +183,14 @@ RULE = (
     f"**not resolved**: the difference is within the seed-to-seed noise."
 )
 
+FP8_NOTE = (
+    "**FP8 on CPUs and GPUs.** Here every FP8 GEMM is emulated (quantise to E4M3 with the arm's scales → dequantise → "
+    "fp32 matmul: the rounding of the GPU path, not its speed), so the FP8 rows compare numerics. On a GPU the same arms "
+    "run real FP8 GEMMs with `pretrain.fp8_backend: scaled_mm`: blockwise through `torch.nn.functional.scaled_mm` with "
+    "`ScalingType.BlockWise1x128` (activations, gradients) and `BlockWise128x128` (weights) — cuBLAS on sm_90 with "
+    "CUDA ≥ 12.9, the scheme DeepGEMM implements — and per-tensor through `ScalingType.TensorWise` (sm_89 and later). "
+    "No GPU figures are claimed here."
+)
 
 # ------------------------------------------------------------------------------------------------ claims
 
@@ -344,6 +352,8 @@ def comparison_markdown(
         *(f"| {' | '.join(row)} |" for row in claim_rows(runs)),
         "",
         RULE,
+        "",
+        FP8_NOTE,
         "",
         "## Arms",
         "",

@@ -109,6 +109,7 @@ def test_markdown_shows_every_seed_and_missing_arms(tmp_path):
     runs = {"loss-free": seeds(3.96, 3.98, 4.0), "aux-loss": seeds(4.0, 4.01, 4.02)}
     text = comparison_markdown(runs, {"balancing": ["balancing_curves.png", "balancing_maxvio.png"]}, seeds=[7, 8, 9])
     assert "seeds 7, 8, 9" in text and RULE in text and "10^7" in text  # the rule and what a CPU cannot show, up front
+    assert "BlockWise128x128" in text and "TensorWise" in text  # the scaled_mm note for GPUs
     per_seed = text.split("## Per seed", 1)[1]
     for value in ("3.9600", "3.9800", "4.0000", "4.0100", "4.0200"):
         assert value in per_seed

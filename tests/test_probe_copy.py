@@ -1,0 +1,66 @@
+"""dsv3/probes/copy.py on a shrunken recipe: segments of one run measured after each, four models at L and 4L, the
+report's tables, a rerun that reads the result back, and recipes that cannot be run refused with the key named."""
+
+import pytest
+import yaml
+
+from dsv3.config import RecipeError
+from dsv3.probes.copy import VARIANTS, CopyProbeRecipe, load_copy_recipe, markdown, run
+from tests.conftest import RECIPES
+
+SHRINK = {
+    "probe": {"train_rows": 64, "eval_rows": 4, "eval_batch_size": 4, "checkpoints": 2, "seq_len": 32,
+              "pairs": 2, "queries": 1},
+    "model": {"hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 16, "kv_lora_rank": 16,
+              "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4, "max_position_embeddings": 32},
+    "pretrain": {"steps": 4, "global_batch_size": 4, "micro_batch_size": 4, "val_every_n_steps": 2, "val_max_rows": 4,
+                 "checkpoint_every_n_steps": 2, "log_every_n_steps": 1},
+    "extend": {"phases": [{"seq_len": 128, "steps": 1, "global_batch_size": 2, "micro_batch_size": 2}],
+               "val_every_n_steps": 1, "val_max_rows": 2, "checkpoint_every_n_steps": 1},
+}
+
+
+def shrunk(**changes) -> CopyProbeRecipe:
+    raw = yaml.safe_load((RECIPES / "probes" / "copy.yaml").read_text())
+    for section, values in (SHRINK | changes).items():
+        raw[section] = raw[section] | values if isinstance(values, dict) else values
+    return CopyProbeRecipe.model_validate(raw)
+
+
+def test_shipped_recipe_loads():
+    recipe = load_copy_recipe(RECIPES / "probes" / "copy.yaml")
+    assert recipe.probe.vocab().size == 64 and recipe.model.num_hidden_layers == 2
+    assert recipe.extend.phases[0].seq_len == 4 * recipe.probe.seq_len
+
+
+@pytest.mark.slow
+def test_probe_trains_in_segments_measures_four_models_and_reuses(tmp_path):
+    lines = []
+    result = run(shrunk(), tmp_path, log=lines.append)
+    assert [r["step"] for r in result["training"]] == [0, 2, 4]
+    assert set(result["variants"]) == set(VARIANTS)
+    for measured in result["variants"].values():
+        assert set(measured) == {"32", "128"}
+        assert all(0 <= m["retrieval_accuracy"] <= 1 and m["first_copy_loss"] > 0 for m in measured.values())
+    # plain RoPE untouched equals the last training measurement at L: the same model, the same rows
+    assert result["variants"]["plain RoPE"]["32"]["induction_gain"] == pytest.approx(result["training"][-1]["induction_gain"])
+    assert max(r["step"] for r in result["history"]) == 4  # the segments add up to one run of 4 steps
+    text = (tmp_path / "copy.md").read_text()
+    assert text == markdown(result) and "| YaRN, trained at 4x |" in text and (tmp_path / "curves.png").is_file()
+    again = run(shrunk(), tmp_path, log=lines.append)
+    assert again["reused"] and again["variants"] == result["variants"] and "reusing" in lines[-1]
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"pretrain": SHRINK["pretrain"] | {"steps": 5}}, "pretrain.steps"),
+    ({"pretrain": SHRINK["pretrain"] | {"lr_warmup_fraction": 0.1}}, "pretrain.lr_warmup_fraction"),
+    ({"extend": SHRINK["extend"] | {"phases": [{"seq_len": 64, "steps": 1}]}}, "extend.phases"),
+    ({"probe": SHRINK["probe"] | {"pairs": 4, "queries": 2}}, "probe.seq_len"),
+])
+def test_recipes_that_cannot_run_are_refused(changes, key, tmp_path):
+    with pytest.raises(ValueError, match=key):
+        shrunk(**changes)
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel: {}\n")
+    with pytest.raises(RecipeError, match="bad.yaml: pretrain: required key is missing"):
+        load_copy_recipe(path)
