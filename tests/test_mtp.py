@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.model import DSV3ForCausalLM
+from dsv3.model.model import DecoderLayer
 from dsv3.model.mtp import shifted_targets
 from tests.toy_model import toy_config
 
@@ -28,7 +29,9 @@ def test_depth_one_loss_written_out():
     h0 = model.model(ids).hidden_before_norm[:, : T - 1]  # h^0_i for i whose token i+1 exists
     layer = model.model.layers[2]
     cos, sin = model.model.rotary_emb(torch.arange(T - 1)[None])
-    h1, _ = layer.predict(h0, model.model.embed_tokens(ids[:, 1:]), cos, sin, None, None)  # eq. 21-22
+    emb = model.model.embed_tokens(ids[:, 1:])
+    h = layer.eh_proj(torch.cat((layer.enorm(emb), layer.hnorm(h0)), dim=-1))  # eq. 21
+    h1, _ = DecoderLayer.forward(layer, h, cos, sin, None)  # eq. 22: the module's block
     logits = model.lm_head(layer.shared_head.norm(h1))  # eq. 23
     expected = F.cross_entropy(logits[:, : T - 2].reshape(-1, 64), ids[:, 2:].reshape(-1))  # predicts t_{i+2}
     torch.testing.assert_close(out.mtp_losses[0], expected, atol=1e-5, rtol=1e-5)
@@ -38,12 +41,7 @@ def test_causal_chain_is_kept_at_every_depth():
     model = tiny_model(2)
     captured = []
     for layer in model.model.layers[2:]:
-
-        def recording(*args, predict=layer.predict):
-            captured.append(predict(*args)[0])
-            return predict(*args)
-
-        layer.predict = recording
+        layer.register_forward_hook(lambda module, args, out: captured.append(out[0]))  # h^k
     ids = torch.randint(0, 64, (1, 10))
     model(ids, labels=ids)
     changed = ids.clone()

@@ -58,9 +58,8 @@ def mtp_logits(
     positions = torch.arange(start, start + P, device=next_ids.device)[None]
     cos, sin = model.model.rotary_emb(positions)
     emb = model.model.embed_tokens(next_ids)
-    h = layer.eh_proj(torch.cat((layer.enorm(emb), layer.hnorm(hidden)), dim=-1))  # eq. 21
-    h, _ = layer(h, cos, sin, attention_mask_4d(positions, None, start), cache=cache)  # eq. 22
-    return model.lm_head(layer.shared_head.norm(h))  # eq. 23
+    _, normed, _ = layer(hidden, emb, cos, sin, attention_mask_4d(positions, None, start), cache=cache)  # eqs. 21-22
+    return model.lm_head(normed)  # eq. 23
 
 
 def check_single_prompt(input_ids: torch.Tensor) -> None:

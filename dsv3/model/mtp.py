@@ -35,10 +35,15 @@ class MultiTokenPredictionLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # M_k
         self.shared_head = SharedHead(config)
 
-    def predict(self, h_prev, emb_next, cos, sin, mask, token_mask):
-        """h_prev (B, T, C): depth k-1; emb_next (B, T, C): Emb(t_{i+k}) -> h^k (B, T, C), balance loss or None."""
+    def forward(self, h_prev, emb_next, cos, sin, mask, cache=None, token_mask=None):
+        """h_prev (B, T, C): depth k-1; emb_next (B, T, C): Emb(t_{i+k}) -> h^k (B, T, C), the module's normed h^k
+        for the shared head (eq. 23), and the block's balance loss (None for a dense block).
+
+        Everything the module owns runs inside this one call, so that a sharded module (FSDP2) gathers its
+        parameters once for all of it; the shared embedding and head are the root's."""
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))  # eq. 21
-        return self(h, cos, sin, mask, token_mask=token_mask)  # eq. 22: the module's transformer block
+        h, balance = super().forward(h, cos, sin, mask, cache=cache, token_mask=token_mask)  # eq. 22
+        return h, self.shared_head.norm(h), balance
 
 
 def shifted_targets(labels: torch.Tensor, docs: torch.Tensor, shift: int) -> torch.Tensor:
@@ -70,10 +75,10 @@ def multi_token_prediction_losses(
     h, losses, balance = hidden_before_norm, [], emb.new_zeros((), dtype=torch.float32)
     for k, layer in enumerate(model.layers[config.num_hidden_layers :], start=1):
         emb_next = F.pad(emb[:, k:], (0, 0, 0, min(k, T)))  # Emb(t_{i+k}), zeros past the end
-        h, layer_balance = layer.predict(h, emb_next, cos, sin, mask, token_mask)
+        h, normed, layer_balance = layer(h, emb_next, cos, sin, mask, token_mask=token_mask)
         if layer_balance is not None:
             balance = balance + layer_balance
-        logits = lm.lm_head(layer.shared_head.norm(h)).float()  # eq. 23
+        logits = lm.lm_head(normed).float()  # eq. 23
         target = shifted_targets(labels, docs, k + 1)
         n_valid = (target != -100).sum().clamp(min=1)
         losses.append(
