@@ -164,6 +164,12 @@ class PretrainSection(Section):
         True, description="torch.use_deterministic_algorithms: the same seed and threads give bit-identical runs"
     )
     devices: int = Field(1, ge=1, description="processes per node; > 1 launches torchrun")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp replicates the model; fsdp shards it (FSDP2), with expert_parallel"
+    )
+    expert_parallel: int = Field(
+        1, ge=1, description="ranks the routed experts of every MoE layer are split over (strategy fsdp)"
+    )
     num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
     val_every_n_steps: int = Field(100, gt=0, description="validation (and best checkpoint) interval")
     val_max_rows: int | None = Field(None, gt=0, description="cap on validation sequences (null = all)")
@@ -187,6 +193,17 @@ class PretrainSection(Section):
             raise ValueError(
                 "pretrain.batch_size_start: must be at most global_batch_size and a multiple of "
                 f"devices × num_nodes × gradient-accumulation steps ({accumulation * ranks})"
+            )
+        if self.strategy == "fsdp" and ranks == 1:
+            raise ValueError(
+                "pretrain.strategy: fsdp shards over several processes; with devices × num_nodes = 1 use strategy ddp "
+                "(a sharded checkpoint still resumes there)"
+            )
+        if self.expert_parallel > 1 and self.strategy != "fsdp":
+            raise ValueError("pretrain.expert_parallel: expert parallelism runs under strategy fsdp; set pretrain.strategy=fsdp")
+        if self.expert_parallel > ranks or ranks % self.expert_parallel:
+            raise ValueError(
+                f"pretrain.expert_parallel: {self.expert_parallel} must divide the world size devices × num_nodes ({ranks})"
             )
         fractions = [
             self.lr_warmup_fraction,
@@ -450,6 +467,27 @@ class Recipe(Section):
     sft: SftSection | None = None
     reward: RewardSection | None = None
     rl: RlSection | None = None
+
+    @model_validator(mode="after")
+    def _fits_the_processes(self) -> Recipe:
+        """The routed experts split evenly over expert_parallel ranks; every extension phase (it runs on the
+        pretraining's processes and strategy) splits its batch evenly over them."""
+        if not self.pretrain:
+            return self
+        if self.model and self.model.n_routed_experts % self.pretrain.expert_parallel:
+            raise ValueError(
+                f"pretrain.expert_parallel: {self.pretrain.expert_parallel} must divide model.n_routed_experts "
+                f"({self.model.n_routed_experts})"
+            )
+        ranks = self.pretrain.devices * self.pretrain.num_nodes
+        for i, phase in enumerate(self.extend.phases if self.extend else [], start=1):
+            if phase.global_batch_size % (phase.micro_batch_size * ranks):
+                raise ValueError(
+                    f"extend.phases: phase {i}'s global_batch_size ({phase.global_batch_size}) must be a multiple of "
+                    f"micro_batch_size × pretrain.devices × pretrain.num_nodes ({phase.micro_batch_size * ranks}): "
+                    "extension runs on the pretraining's processes"
+                )
+        return self
 
     def section_hash(self, *names: str) -> str:
         """sha256 over the named sections (and the seed), the key a stage's manifest is matched on."""

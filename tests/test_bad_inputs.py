@@ -87,6 +87,34 @@ def test_bad_override(override, needle, tmp_path, capsys):
     one_line_exit_2(capsys, ["run", "--recipe", SMOKE, "--set", override, "--runs-dir", str(tmp_path)], needle)
 
 
+PARALLEL_CASES = {
+    "experts not divisible by E": (
+        ["pretrain.devices=4", "pretrain.micro_batch_size=2", "pretrain.strategy=fsdp", "pretrain.expert_parallel=4",
+         "model.n_routed_experts=6"],
+        "pretrain.expert_parallel: 4 must divide model.n_routed_experts (6)",
+    ),  # fmt: skip
+    "E above the world size": (
+        ["pretrain.devices=2", "pretrain.strategy=fsdp", "pretrain.expert_parallel=4"],
+        "pretrain.expert_parallel: 4 must divide the world size",
+    ),
+    "fsdp on one process": (["pretrain.strategy=fsdp"], "pretrain.strategy: fsdp shards over several processes"),
+    "EP under ddp": (["pretrain.devices=2", "pretrain.expert_parallel=2"], "pretrain.expert_parallel: expert parallelism runs under strategy fsdp"),
+    "a phase batch the ranks cannot split": (
+        ["pretrain.devices=4", "pretrain.micro_batch_size=2"],
+        "extend.phases: phase 1's global_batch_size (4) must be a multiple of",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PARALLEL_CASES)
+def test_bad_parallel_layout(case, tmp_path, capsys):
+    overrides, needle = PARALLEL_CASES[case]
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    one_line_exit_2(capsys, ["run", "--recipe", SMOKE, *sets, "--runs-dir", str(tmp_path / "runs")], needle)
+    one_line_exit_2(capsys, ["plan", SMOKE, *sets], needle)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_until_a_stage_the_recipe_does_not_run(tmp_path, capsys):
     argv = ["run", "--recipe", SMOKE, "--set", "pipeline.stages=[tokenizer]", "--until", "rl", "--runs-dir", str(tmp_path)]
     one_line_exit_2(capsys, argv, "--until rl: not a stage")

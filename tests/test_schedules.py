@@ -102,3 +102,11 @@ def test_an_extension_phase_is_the_loop_with_a_constant_lr_after_its_warm_up():
     lrs = [learning_rate(plan.tokens_before(s), plan.total_tokens, settings) for s in range(plan.steps)]
     assert lrs == [0.0, 5e-5, 1e-4, 1e-4]
     assert settings.devices == 1 and settings.balancing == "loss_free" and settings.weight_decay == 0.1
+
+
+def test_extension_phases_run_on_the_pretrainings_processes_and_strategy():
+    ext = ExtendSection(phases=[ExtendPhase(seq_len=64, steps=2, global_batch_size=8, micro_batch_size=2)])
+    sharded = PretrainSection(tokens=TOTAL, global_batch_size=8, micro_batch_size=2, devices=4, strategy="fsdp", expert_parallel=2)
+    settings = LoopSettings.for_extension(sharded, ext, ext.phases[0])
+    assert (settings.devices, settings.strategy, settings.expert_parallel) == (4, "fsdp", 2)
+    assert accumulation_steps(settings) == 1  # 8 sequences = 2 per micro-batch × 4 ranks

@@ -12,8 +12,10 @@ Evaluation, before and after: passkey accuracy per (length, depth) with held-out
 repeated random sequences (dsv3.eval.induction) — whether the model can copy from its context at all, which
 retrieval needs.
 
-Checkpoints: `phase<i>/checkpoints/last.ckpt` during phase i; a finished phase writes `phase<i>/model` (the last
-phase writes `model/`). A rerun after a kill skips finished phases and resumes the current one from last.ckpt.
+The phases run on the pretraining's processes and strategy (pretrain.devices × num_nodes > 1: a torchrun job, DDP
+or FSDP2 with expert parallelism, as dsv3.stages.pretrain). Checkpoints: `phase<i>/checkpoints/last.ckpt` during
+phase i; a finished phase writes `phase<i>/model` (the last phase writes `model/`). A rerun after a kill skips
+finished phases and resumes the current one from last.ckpt.
 Output: `model/` — save_pretrained with the YaRN config, plus the tokenizer files.
 """
 
@@ -46,6 +48,7 @@ from dsv3.stages.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import LoopSettings, fit
 from dsv3.train.data import validation_subset
+from dsv3.train.launch import inside_torchrun, launch_torchrun
 from dsv3.train.plots import plot_losses
 
 SECTIONS = ("data", "pretrain", "extend")
@@ -54,6 +57,8 @@ OUTPUT = "model"
 HEADLINE = ("ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_after_")
 TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a fix to this section
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
+RESULT = "result.json"  # phase<i>/result.json: the phase's history, steps and resume point
+PHASES_ENTRY = "dsv3.stages.extend:train_phases"
 COPY_ROWS, COPY_LENGTH = 16, 64  # the in-context copying probe: 16 random sequences of 64 tokens, each repeated
 
 
@@ -80,20 +85,22 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         workdir / "eval_before.json", DSV3ForCausalLM.from_pretrained(source), heldout, ppl_rows, copy_rows, recipe
     )
     eval_seconds = time.perf_counter() - started
-    history: list[dict[str, float]] = []
-    resumed_from = {}
-    previous, offset = source, 0
     started = time.perf_counter()
-    for i, phase in enumerate(ext.phases, start=1):
-        out = phase_output(workdir, i, last=i == len(ext.phases))
-        result_file = workdir / f"phase{i}" / "result.json"
-        if not result_file.is_file():  # written after the phase's model: both are there, or it trains (resumes)
-            train_phase(recipe, phase, i, previous, out, workdir / f"phase{i}", corpus, tokenizer, offset)
-        result = json.loads(result_file.read_text())
+    settings = LoopSettings.from_pretrain(recipe.pretrain)
+    if settings.world_size > 1 and not inside_torchrun():
+        for phase in ext.phases:  # built once here, loaded by every rank
+            phase_rows(recipe, phase, corpus, tokenizer, shared_cache(workdir))
+        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes, entry=PHASES_ENTRY)
+    else:
+        train_phases(recipe, workdir, inputs)
+    train_seconds = time.perf_counter() - started
+    history: list[dict[str, float]] = []
+    resumed_from, offset = {}, 0
+    for i in range(1, len(ext.phases) + 1):
+        result = json.loads((workdir / f"phase{i}" / RESULT).read_text())
         history += result["history"]
         resumed_from[i] = result["resumed_from_step"]
-        previous, offset = out, offset + result["steps"]
-    train_seconds = time.perf_counter() - started
+        offset += result["steps"]
 
     started = time.perf_counter()
     after = cached_evaluation(
@@ -189,6 +196,22 @@ def phase_rows(
     return train_rows, val_rows
 
 
+def train_phases(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> None:
+    """Train every phase not finished yet, each from the model the one before saved — in this process: the only
+    one, or one rank of a torchrun job (the pretraining's processes and strategy)."""
+    source = inputs["pretrain"] / OUTPUT
+    tokenizer = load_tokenizer(source)
+    corpus = recipe_corpus(recipe.data)
+    previous, offset = source, 0
+    for i, phase in enumerate(recipe.extend.phases, start=1):
+        out = phase_output(workdir, i, last=i == len(recipe.extend.phases))
+        if not (workdir / f"phase{i}" / RESULT).is_file():  # written after the phase's model: both are there, or
+            # the phase trains (resuming from its last checkpoint)
+            train_phase(recipe, phase, i, previous, out, workdir / f"phase{i}", corpus, tokenizer, offset)
+        previous = out
+        offset += LoopSettings.for_extension(recipe.pretrain, recipe.extend, phase).steps
+
+
 def train_phase(
     recipe: Recipe,
     phase: ExtendPhase,
@@ -219,10 +242,11 @@ def train_phase(
         step_offset=step_offset,
         logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
     )
-    write_json_atomic(
-        folder / "result.json",
-        {"history": result.history, "resumed_from_step": result.resumed_from_step, "steps": result.steps, "tokens": result.tokens},
-    )
+    if result.rank == 0:
+        write_json_atomic(
+            folder / RESULT,
+            {"history": result.history, "resumed_from_step": result.resumed_from_step, "steps": result.steps, "tokens": result.tokens},
+        )
 
 
 def perplexity_rows(

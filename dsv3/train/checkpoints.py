@@ -1,14 +1,16 @@
 """The loop's checkpoints: written atomically, the one before kept, an unreadable one set aside (never deleted).
 
-`checkpoints/last.ckpt` is written every checkpoint_every_n_steps through a temporary file and a rename, so a kill
-never leaves half a checkpoint; the last.ckpt it replaces becomes previous.ckpt. A rerun resumes from the newest
-of the two that loads with weights_only=True (no pickled code is ever run); one that does not is renamed
-`<name>.corrupt-<time>` and the run says so.
+`checkpoints/last.ckpt` is written every checkpoint_every_n_steps through a temporary name and a rename, so a kill
+never leaves half a checkpoint; the last.ckpt it replaces becomes previous.ckpt. A one-process run writes one file,
+an FSDP2 run a sharded folder (dsv3.train.sharded); either resumes the other. A rerun resumes from the newest of the
+two that reads back without running pickled code; one that does not is renamed `<name>.corrupt-<time>` and the run
+says so.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,19 +19,60 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from dsv3.train.sharded import is_sharded, sharded_step, unsharded
+
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
+MICRO_BATCHES_PER_STEP = "dsv3_micro_batches_per_step"  # the checkpoint's gradient-accumulation steps
+
+
+def put_in_place(written: Path, path: Path) -> None:
+    """Move a fully written checkpoint (file or folder) to `path`; a last.ckpt it replaces becomes previous.ckpt."""
+    if path.exists():
+        if path.name == LAST:
+            previous = path.with_name(PREVIOUS)
+            remove(previous)
+            os.replace(path, previous)
+        else:
+            remove(path)
+    os.replace(written, path)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def rescale_batch_counts(fit_loop: dict[str, Any], step: int, saved: int, current: int) -> None:
+    """In place: Lightning's training batch counters (micro-batches since the epoch began) of a checkpoint written at
+    optimizer step `step` with `saved` micro-batches per step, moved to `current` per step — what a run on another
+    world size takes for the same global batch. Steps and the data position are counted in steps already; these
+    counters decide when validation runs."""
+    if saved == current:
+        return
+    shift = step * (current - saved)
+    progress = fit_loop["epoch_loop.batch_progress"]
+    for counters in (progress["total"], progress["current"]):
+        for name in counters:
+            counters[name] += shift
+    fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] += shift
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed; the last.ckpt being replaced becomes previous.ckpt."""
+    """One-file checkpoints written under a temporary name and put in place; a sharded folder (an FSDP2 run's) is
+    read back whole, as a one-process run resumes from it."""
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if is_sharded(Path(path)):
+            return unsharded(Path(path))
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         partial = Path(f"{path}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
-        if path.name == LAST and path.is_file():
-            os.replace(path, path.with_name(PREVIOUS))
-        os.replace(partial, path)
+        put_in_place(partial, path)
 
 
 def resume_point(checkpoints: Path) -> tuple[Path | None, int]:
@@ -37,15 +80,23 @@ def resume_point(checkpoints: Path) -> tuple[Path | None, int]:
     An unreadable one (truncated, tampered: it is loaded with weights_only=True) is set aside, and said so."""
     for name in (LAST, PREVIOUS):
         path = Path(checkpoints) / name
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+            step = (
+                sharded_step(path)
+                if path.is_dir()
+                else int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+            )
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
             aside = path.with_name(f"{name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(path, aside)
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:  # another rank of this run set it aside first
+                continue
             reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
             print(f"dsv3: checkpoint {path} is unreadable ({reason}); set aside as {aside.name}", file=sys.stderr)
             continue
         return path, step
     return None, 0
+

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dsv3.fp8 import FP8BlockwisePrecision, fp8_scaling
 from dsv3.model import DSV3Config, DSV3ForCausalLM
@@ -31,6 +32,7 @@ from dsv3.train.data import PackedRowsData
 from dsv3.train.module import CausalLMTraining
 from dsv3.train.schedules import step_plan
 from dsv3.train.settings import LoopSettings
+from dsv3.train.strategy import ShardedStrategy
 
 CHECKPOINTS = "checkpoints"
 
@@ -72,6 +74,7 @@ def fit(
     keep_best: also keep checkpoints/best.ckpt at the lowest validation loss. logger: a Lightning logger or False."""
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")  # we want post-step
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # val/loss is summed over the ranks already
     plan = step_plan(settings, train_rows.features["input_ids"].length)
     torch.manual_seed(seed)
     module = CausalLMTraining(config, settings, plan, token_bytes, step_offset)
@@ -94,11 +97,22 @@ def fit(
     with deterministic_algorithms(settings.deterministic), interrupts.raised():
         trainer.fit(module, datamodule=data, ckpt_path=last, weights_only=True)
         trainer.validate(module, datamodule=data, verbose=False)
+    model = gathered(module.model, config) if module.sharded else module.model
     if trainer.is_global_zero:
-        save_model_folder(module.model, save_to, tokenizer_files)
-    return FitResult(
-        module.model, module.history, module.val_expert_load, resumed_from, plan.steps, plan.total_tokens, trainer.global_rank
-    )
+        save_model_folder(model, save_to, tokenizer_files)
+    trainer.strategy.barrier("model-saved")  # the next phase's ranks load it
+    return FitResult(model, module.history, module.val_expert_load, resumed_from, plan.steps, plan.total_tokens, trainer.global_rank)
+
+
+def gathered(model: DSV3ForCausalLM, config: DSV3Config) -> DSV3ForCausalLM:
+    """The sharded model's full weights in a plain DSV3ForCausalLM on rank 0 (a collective: every rank calls it;
+    the others get their sharded model back)."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return model
+    plain = DSV3ForCausalLM(config)
+    plain.load_state_dict(full)
+    return plain
 
 
 def accelerator(settings: LoopSettings) -> str:
@@ -112,14 +126,23 @@ def build_trainer(
     """`steps` optimizer steps, validation every val_every_n_steps, atomic checkpoints, the FP8 plugin when asked
     for, DDP (gloo on CPUs, NCCL on GPUs) when the settings span several processes."""
     device = accelerator(settings)
-    ddp = DDPStrategy(process_group_backend="gloo" if device == "cpu" else "nccl", broadcast_buffers=False)
+    backend = "gloo" if device == "cpu" else "nccl"
     fp8 = fp8_scaling(settings.precision)  # blockwise, tensorwise or None
+    precision = None if fp8 else settings.precision
+    if settings.strategy == "fsdp":
+        strategy = ShardedStrategy(settings.world_size, backend)
+        if device == "gpu" and precision == "bf16-mixed":
+            precision = "32-true"  # FSDP2's policy computes in bf16 and reduces in fp32 (dsv3.train.parallel)
+    elif settings.world_size > 1:
+        strategy = DDPStrategy(process_group_backend=backend, broadcast_buffers=False)
+    else:
+        strategy = "auto"
     return L.Trainer(
         accelerator=device,
         devices=settings.devices,
         num_nodes=settings.num_nodes,
-        strategy=ddp if settings.world_size > 1 else "auto",
-        precision=None if fp8 else settings.precision,
+        strategy=strategy,
+        precision=precision,
         max_steps=steps,
         val_check_interval=settings.val_every_n_steps * accumulation,
         check_val_every_n_epoch=None,

@@ -3,8 +3,9 @@ script, so it never runs inside the Prefect task).
 
 A stage calls `launch_torchrun` when devices × num_nodes > 1; every rank then runs
 `python -m dsv3.train.launch --entry MODULE:FUNCTION --recipe R --workdir W --input NAME=DIR ...`, which calls
-FUNCTION(recipe, workdir, inputs) (the pretrain stage's `train_rank`) and exits. A rank that fails for a known reason (a diverged loss, bad input, a
-full disk, Ctrl-C) writes it to the failure file and exits 1 without a traceback; the stage raises it again.
+FUNCTION(recipe, workdir, inputs) (the pretrain stage's `train_rank`, the extend stage's `train_phases`) and exits.
+A rank that fails for a known reason (a diverged loss, bad input, a full disk, Ctrl-C) writes it to the failure
+file and exits 1 without a traceback; the stage raises it again. A rank dies with its torchrun agent.
 On a cluster, `make pretrain` on the first node prints the torchrun command every other node runs (the same
 recipe file, stage folder and inputs on a shared runs folder; MASTER_ADDR, MASTER_PORT and NODE_RANK set).
 """
@@ -12,9 +13,12 @@ recipe file, stage folder and inputs on a shared runs folder; MASTER_ADDR, MASTE
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -37,9 +41,17 @@ def inside_torchrun() -> bool:
 
 
 def torchrun_command(
-    devices: int, num_nodes: int, entry: str, recipe_file: Path, workdir: Path, inputs: dict[str, Path], failure_file: Path
+    devices: int,
+    num_nodes: int,
+    entry: str,
+    recipe_file: Path,
+    workdir: Path,
+    inputs: dict[str, Path],
+    failure_file: Path,
+    node_rank: str | None = None,
 ) -> list[str]:
-    """The torchrun command line for this node: standalone on one node, c10d rendezvous across several."""
+    """The torchrun command line for a node (this one: node_rank None, read from NODE_RANK): standalone on one node,
+    c10d rendezvous at MASTER_ADDR:MASTER_PORT across several."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={devices}"]
     if num_nodes == 1:
         command += ["--standalone", "--nnodes=1"]
@@ -49,7 +61,7 @@ def torchrun_command(
             raise InputError(f"pretrain.num_nodes={num_nodes} needs {', '.join(missing)} in the environment on every node")
         command += [
             f"--nnodes={num_nodes}",
-            f"--node-rank={os.environ['NODE_RANK']}",
+            f"--node-rank={node_rank if node_rank is not None else os.environ['NODE_RANK']}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
         ]
@@ -69,9 +81,11 @@ def launch_torchrun(
     failure_file.unlink(missing_ok=True)
     command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file)
     if num_nodes > 1:
-        print("dsv3: on every other node run: " + " ".join(command), file=sys.stderr)
+        other = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file, "$NODE_RANK")
+        line = " ".join(arg if "$NODE_RANK" in arg else shlex.quote(arg) for arg in other)
+        print(f"dsv3: on every other node, with NODE_RANK set to its rank (1..{num_nodes - 1}), run: {line}", file=sys.stderr)
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    completed = subprocess.run(command, env=env, check=False)
+    completed = subprocess.run(command, env=env, check=False, preexec_fn=lambda: die_with_parent(signal.SIGKILL))
     if completed.returncode == 0:
         return
     if failure_file.is_file():
@@ -84,6 +98,23 @@ def launch_torchrun(
     )
 
 
+def die_with_parent(sig: int) -> None:
+    """This process gets `sig` when its parent dies (Linux PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was already gone
+        os.kill(os.getpid(), sig)
+
+
+def die_with_agent() -> None:
+    """This rank is killed when its torchrun agent dies (torchrun starts ranks in sessions of their own, and the
+    agent dies with the stage): a stage killed part-way leaves no rank training on into the folder its rerun
+    resumes."""
+    die_with_parent(signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train in this torchrun rank: call ENTRY(recipe, workdir, inputs).")
     parser.add_argument("--entry", default=PRETRAIN_ENTRY, help=f"module:function to run (default {PRETRAIN_ENTRY})")
@@ -92,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="NAME=DIR", help="an upstream stage's folder")
     parser.add_argument("--failure-file", help="where a rank writes a known failure (kind and one line)")
     args = parser.parse_args(argv)
+    die_with_agent()
     module, _, function = args.entry.partition(":")
     entry = getattr(importlib.import_module(module), function)
     inputs = {name: Path(folder) for name, _, folder in (item.partition("=") for item in args.input)}

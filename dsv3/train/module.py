@@ -26,10 +26,12 @@ import torch
 
 from dsv3.errors import TrainingDiverged
 from dsv3.eval.expert_load import layer_max_violations, max_violation
-from dsv3.fp8 import AdamWBF16Moments
+from dsv3.fp8 import AdamWBF16Moments, convert_to_fp8, fp8_scaling
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.train.balancing import update_router_biases
+from dsv3.train.checkpoints import MICRO_BATCHES_PER_STEP, rescale_batch_counts
 from dsv3.train.compile import compile_blocks
+from dsv3.train.parallel import clip_grad_norm, parallelize, sync_expert_gradients
 from dsv3.train.schedules import StepPlan, accumulation_steps, bias_update_speed, learning_rate, mtp_weight
 from dsv3.train.settings import LoopSettings
 
@@ -65,11 +67,25 @@ class CausalLMTraining(L.LightningModule):
         self.n_main_moe_layers = max(config.num_hidden_layers - config.first_k_dense_replace, 0)
         self.register_buffer("token_bytes", token_bytes.to(torch.int64), persistent=False)  # ints: no precision cast
         self.automatic_optimization = False
+        self.sharded = False  # FSDP2 applied (configure_model)
         self.history: list[dict[str, float]] = []
         self.val_expert_load: torch.Tensor | None = None
         self._micro = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._clock: tuple[float, int] | None = None
+
+    def configure_model(self) -> None:
+        """Under strategy fsdp (Lightning's ModelParallelStrategy calls this once the processes are up): the FP8
+        layers first (conversion swaps modules, which sharding must see), then experts split over expert_parallel
+        ranks and FSDP2 on every block and the root (dsv3.train.parallel); bf16 parameters on GPUs."""
+        s = self.settings
+        if s.strategy != "fsdp" or self.sharded:
+            return
+        if fp8_scaling(s.precision):
+            convert_to_fp8(self.model, s.fp8_backend, fp8_scaling(s.precision))
+        gpu = self.device.type == "cuda"
+        parallelize(self.model, self.device_mesh["data_parallel"], s.expert_parallel, mixed_precision=gpu and "bf16" in s.precision)
+        self.sharded = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         s = self.settings
@@ -116,7 +132,11 @@ class CausalLMTraining(L.LightningModule):
 
         # clip → finite? → optimizer step → router biases → metrics (once per step)
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        if self.sharded:
+            sync_expert_gradients(self.model, self.trainer.world_size)
+            grad_norm = clip_grad_norm(list(self.model.parameters()), self.settings.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.stop_if_diverged(step, grad_norm, lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -238,6 +258,11 @@ class CausalLMTraining(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dsv3_history"] = self.history
+        checkpoint[MICRO_BATCHES_PER_STEP] = self.accumulation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The run's history; Lightning's batch counters in this run's micro-batches per step (a checkpoint of
+        another world size has other ones), before Lightning restores its loops from them."""
         self.history = list(checkpoint.get("dsv3_history", []))
+        saved = checkpoint.get(MICRO_BATCHES_PER_STEP, self.accumulation)
+        rescale_batch_counts(checkpoint["loops"]["fit_loop"], checkpoint["global_step"], saved, self.accumulation)

@@ -50,6 +50,8 @@ class LoopSettings:
     compile: bool
     devices: int
     num_nodes: int
+    strategy: str
+    expert_parallel: int
     deterministic: bool
     val_every_n_steps: int
     val_max_rows: int | None
@@ -63,8 +65,8 @@ class LoopSettings:
     @classmethod
     def for_extension(cls, cfg: PretrainSection, ext: ExtendSection, phase: ExtendPhase) -> LoopSettings:
         """One extension phase (PAPER.md, "Context extension"): its batch, length and steps; a constant LR after a
-        linear warm-up of extend.lr_warmup_steps; constant λ and γ; the extend section's intervals; AdamW, clipping
-        and precision as in pretraining; one process."""
+        linear warm-up of extend.lr_warmup_steps; constant λ and γ; the extend section's intervals; AdamW, clipping,
+        precision, processes and strategy (ddp / fsdp, expert_parallel) as in pretraining."""
         steps = phase.steps or math.ceil(phase.tokens / (phase.global_batch_size * phase.seq_len))
         return replace(
             cls.from_pretrain(cfg),
@@ -83,8 +85,6 @@ class LoopSettings:
             balancing="loss_free",
             bias_update_speed=ext.bias_update_speed,
             bias_update_speed_after=ext.bias_update_speed,
-            devices=1,
-            num_nodes=1,
             val_every_n_steps=ext.val_every_n_steps,
             val_max_rows=ext.val_max_rows,
             checkpoint_every_n_steps=ext.checkpoint_every_n_steps,
