@@ -2,6 +2,7 @@
 installed `dsv3` script, so the library never imports the flows.
 
     dsv3 recipe recipes/tiny.yaml [--set key=value ...]                          print the resolved recipe
+    dsv3 plan recipes/v2-lite.yaml --devices 16 --expert-parallel 8              memory per GPU, DDP / FSDP / EP
     dsv3 export-hf CKPT OUT / dsv3 import-hf SRC OUT                             transformers interop
     dsv3 report RUN [--runs-dir runs]                                            report card of a run
     dsv3 generate CKPT --prompt TEXT [--speculative] / dsv3 chat CKPT              stream text from a checkpoint

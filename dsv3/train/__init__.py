@@ -6,8 +6,13 @@
     module.py      the LightningModule: forward → loss → backward → clip → step → router biases → metrics
     balancing.py   the loss-free bias update
     checkpoints.py atomic checkpoints, the previous one kept, unreadable ones set aside
+    sharded.py     the sharded (torch.distributed.checkpoint) format: read safely, or whole by one process
+    strategy.py    ShardedStrategy: Lightning's ModelParallelStrategy with those checkpoint rules
+    parallel.py    FSDP2 on every block and the root, expert parallelism (all-to-all token dispatch)
     fit.py         fit(): one run of the loop (pretraining or one extension phase)
     launch.py      torchrun for several processes
+    compile.py     compiled decoder and MTP blocks
+    plan.py        per-device memory of a recipe under DDP / FSDP / FSDP+EP (dsv3 plan)
     plots.py       loss, MaxVio and expert-load plots
 """
 
