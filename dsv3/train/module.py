@@ -77,14 +77,14 @@ class CausalLMTraining(L.LightningModule):
     def configure_model(self) -> None:
         """Under strategy fsdp (Lightning's ModelParallelStrategy calls this once the processes are up): the FP8
         layers first (conversion swaps modules, which sharding must see), then experts split over expert_parallel
-        ranks and FSDP2 on every block and the root (dsv3.train.parallel); bf16 parameters on GPUs."""
+        ranks and FSDP2 on every block and the root (dsv3.train.parallel); bf16 parameters on GPUs (bf16 and fp8)."""
         s = self.settings
         if s.strategy != "fsdp" or self.sharded:
             return
         if fp8_scaling(s.precision):
             convert_to_fp8(self.model, s.fp8_backend, fp8_scaling(s.precision))
         gpu = self.device.type == "cuda"
-        parallelize(self.model, self.device_mesh["data_parallel"], s.expert_parallel, mixed_precision=gpu and "bf16" in s.precision)
+        parallelize(self.model, self.device_mesh["data_parallel"], s.expert_parallel, mixed_precision=gpu and s.precision != "32-true")
         self.sharded = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

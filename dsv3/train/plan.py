@@ -11,6 +11,7 @@ Bytes per parameter (`pretrain.precision`, `pretrain.optimizer_states_bf16`):
     32-true          4 (fp32)                4           8  (4)                         fp32
     bf16-mixed       4 (fp32 master)         4           8  (4)                         bf16 (autocast)
     fp8-blockwise    4 (fp32 master)         4           8  (4)                         bf16; block GEMMs in fp8
+    fp8-tensorwise   as fp8-blockwise (one scale per tensor instead of per tile and block)
     bf16-true        2 (bf16)                2           4  (4)                         bf16
 
 Layouts, on N devices (`--devices`, all ranks of all nodes) with E expert-parallel ranks (`--expert-parallel`):
@@ -39,7 +40,7 @@ The "copies" column: per-parameter memory besides the master weights, gradients 
   the one prefetched) — and one block's unsharded gradient in fp32 before its reduce-scatter; under fp8-blockwise
   the FP8 copy of every block weight, quantised from the gathered weights and saved for the backward: the whole
   model's worth on every rank whatever N. With EP, each rank's own experts are cast to the compute dtype for its
-  grouped GEMMs (`ExpertParallel` runs them in bf16, not FP8) and that copy is saved too.
+  grouped GEMMs and that copy is saved too (under fp8 their FP8 copy instead: `ExpertParallel` runs them in FP8).
 
 Activations: an estimate, `activation_bytes_per_token`, times micro_batch_size × seq_len tokens; the same on
 every strategy except that FSDP's bf16 parameters make the residual stream bf16 (fp32 under autocast otherwise,
@@ -304,8 +305,8 @@ def copies_bytes(
     """The "copies" column of the module docstring: DDP's gradient buckets and autocast / FP8 weight copies saved for
     the backward; FSDP's gathered root and two gathered blocks in the compute dtype, one block's fp32 unsharded
     gradient, FP8 copies of every block weight and the compute-dtype copy of a rank's own experts under EP."""
-    mixed = precision in ("bf16-mixed", "fp8-blockwise")
-    in_fp8 = precision == "fp8-blockwise"
+    in_fp8 = precision.startswith("fp8-")
+    mixed = precision == "bf16-mixed" or in_fp8
 
     def local(w: Weight) -> int:
         return w.local_numel(strategy, devices, expert_parallel)
@@ -313,12 +314,12 @@ def copies_bytes(
     def own_expert(w: Weight) -> bool:  # an expert-parallel slice: not FSDP's, run in the compute dtype
         return w.expert and expert_parallel > 1
 
-    fp8_copies = sum(local(w) for w in weights if w.fp8 and not own_expert(w)) if in_fp8 else 0  # 1 byte each
+    fp8_copies = sum(local(w) for w in weights if w.fp8) if in_fp8 else 0  # 1 byte each, own experts included
     if strategy == "ddp":
         buckets = sum(local(w) for w in weights) * sizes.grad if devices > 1 else 0
         cast = sum(local(w) for w in weights if w.matmul and not (in_fp8 and w.fp8)) if mixed else 0
         return buckets + cast * sizes.compute + fp8_copies
-    own_copies = sum(local(w) for w in weights if own_expert(w)) * sizes.compute if mixed else 0
+    own_copies = sum(local(w) for w in weights if own_expert(w) and not (in_fp8 and w.fp8)) * sizes.compute if mixed else 0
     gathered: dict[str, int] = {}
     for w in weights:
         if not own_expert(w):
@@ -333,7 +334,7 @@ def row(model: PlannedModel, strategy: str, devices: int, expert_parallel: int) 
     expert group (1 = none; only with fsdp)."""
     sizes = bytes_per_parameter(model.precision, model.optimizer_states_bf16)
     local = sum(w.local_numel(strategy, devices, expert_parallel) for w in model.weights)
-    fsdp_bf16 = strategy == "fsdp" and model.precision in ("bf16-mixed", "fp8-blockwise")
+    fsdp_bf16 = strategy == "fsdp" and (model.precision == "bf16-mixed" or model.precision.startswith("fp8-"))
     residual = sizes.compute if fsdp_bf16 else sizes.weight  # FSDP's bf16 parameters: a bf16 embedding output
     tokens = model.micro_batch_size * model.seq_len
     name = {"ddp": "DDP", "fsdp": "FSDP"}[strategy] + ("+EP" if expert_parallel > 1 else "")
