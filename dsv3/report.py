@@ -4,8 +4,9 @@ It reads only what the stages left behind — each stage's manifest (`stage.json
 metrics, the plots it wrote) — so it can be written at any moment: for a run that finished, failed, or is
 still going. Layout: the environment (code version, hardware, libraries), a summary table, then one
 section per stage of STAGE_ORDER with its status, time, tokens, every metric and its plots. A stage with
-no manifest is shown as **missing**, one that did not complete as **running** or **failed**, and neither
-gets numbers: an absent metric is never a zero.
+no manifest is shown as *not run* (e.g. past `--until`), one whose manifest cannot be read as **missing**, one
+that did not complete as **running** or **failed**, and none of them gets numbers: an absent metric is never a
+zero.
 
 report.md links the plots relative to the run folder (it sits there); report.html embeds them as base64
 data URIs, so the one file can be mailed or attached to an MLflow run. Text from manifests is escaped:
@@ -61,7 +62,9 @@ class StageView:
 
     @property
     def status(self) -> str:
-        return "missing" if self.manifest is None else self.manifest.status
+        if self.manifest is None:
+            return "missing" if self.unreadable else "not run"
+        return self.manifest.status
 
     @property
     def completed(self) -> bool:
@@ -279,7 +282,7 @@ def token_counts(metrics: dict[str, float]) -> list[str]:
 def _summary_row(view: StageView) -> str:
     link = f"[{view.name}](#stage-{view.name})"
     if view.manifest is None:
-        return f"| {link} | **missing** | {NONE} | {NONE} |"
+        return f"| {link} | {'**missing**' if view.unreadable else '*not run*'} | {NONE} | {NONE} |"
     m = view.manifest
     metrics = headline(view.name, m.metrics) if (view.completed or m.failure) and view.built else {}
     failed = {c["name"] for c in m.failed_checks}
@@ -292,14 +295,10 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
     lines = [f"## Stage: {view.name}", ""]
     m = view.manifest
     if m is None:
-        why = (
-            f"its `{MANIFEST_NAME}` cannot be read"
-            if view.unreadable
-            else "it has not run"
-            if view.built
-            else "it is not built in this version of dsv3"
-        )
-        return lines + [f"**missing**: {why}, so there is nothing to show.", ""]
+        if view.unreadable:
+            return lines + [f"**missing**: its `{MANIFEST_NAME}` cannot be read, so there is nothing to show.", ""]
+        why = "it has not run in this variant" if view.built else "it is not built in this version of dsv3"
+        return lines + [f"*not run*: {why}, so there is nothing to show.", ""]
     if m.status == "running":
         lines += [
             f"**running** since {_utc(m.started_at)} (attempt {m.attempts}): no metrics until it completes. "
