@@ -9,6 +9,7 @@ deterministic algorithms on, as in the pretraining, so the pretraining test reus
 """
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -63,6 +64,15 @@ class Blocks:
             bias.zero_()
             if experts is not None:
                 bias[experts] = 100.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_sys_path():
+    """Inductor's C++ build imports setuptools, which appends its _vendor folder to sys.path: importlib.metadata would
+    then list setuptools' vendored packages as installed (tests/test_requirements_lock.py checks that list)."""
+    before = list(sys.path)
+    yield
+    sys.path[:] = before
 
 
 @pytest.fixture(scope="module")
