@@ -132,7 +132,7 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         help="write the report card of a run (runs/<recipe>/<variant>/report.md and report.html)",
         description="Write runs/<recipe>/<variant>/report.md and a self-contained report.html (plots embedded): "
         "environment, a summary table, and per stage its status, time, tokens, metrics and plots. "
-        "Stages that have not run, or did not complete, are shown as missing, running or failed.",
+        "Stages that have not run, or did not complete, are shown as not run, running or failed.",
         epilog="examples:\n  dsv3 report tiny\n  dsv3 report runs/tiny/latest",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

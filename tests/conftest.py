@@ -1,6 +1,7 @@
 """Test-wide settings: Prefect and MLflow state go to temporary folders, never to the user's home."""
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -34,3 +35,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
+
+
+class _Bomb:
+    """Unpickling this writes a file: proof that something was unpickled with code execution."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pickle_bomb(marker: Path) -> bytes:
+    """A pickle that creates `marker` when it is loaded by an unpickler that runs code."""
+    return pickle.dumps(_Bomb(str(marker)))

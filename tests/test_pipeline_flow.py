@@ -2,7 +2,6 @@
 a deleted output, and records one parent and one nested MLflow run per stage that ran."""
 
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline, stages_to_run
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, pickle_bomb
 
 SMOKE = str(RECIPES / "smoke.yaml")
 
@@ -95,7 +94,7 @@ def test_nothing_under_runs_is_unpickled(runs_dir, tmp_path, monkeypatch):
     home = Path(os.environ["PREFECT_HOME"])
     assert not (home / "storage").exists() or not any((home / "storage").rglob("*"))
     marker = tmp_path / "pwned"
-    bomb = pickle.dumps(_Bomb(str(marker)))
+    bomb = pickle_bomb(marker)
     planted = [home / "storage" / "result", run_root(runs_dir, load_recipe(SMOKE, [])) / "tokenizer" / "result.pickle"]
     for path in planted:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,13 +103,6 @@ def test_nothing_under_runs_is_unpickled(runs_dir, tmp_path, monkeypatch):
     assert [r["action"] for r in second] == ["skipped"]
     assert not marker.exists()
 
-
-class _Bomb:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_mlflow_compares_two_pipeline_runs_by_their_parent_runs(runs_dir):

@@ -17,7 +17,7 @@ from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
 from dsv3.stages.runs import run_root
 from dsv3.tracking import Tracker
-from tests.conftest import RECIPES, REPO
+from tests.conftest import RECIPES, REPO, pickle_bomb
 
 KILLABLE_RUN = """
 import sys
@@ -112,18 +112,8 @@ def test_recipe_without_pretrain_section_is_refused(runs_dir):
         run_stage("pretrain", recipe, runs_dir)
 
 
-class _Bomb:
-    """Unpickling this writes a file: proof that a checkpoint was unpickled with code execution."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
 
 def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_resumes(tmp_path, capsys):
-    import pickle
 
     import torch
 
@@ -139,7 +129,7 @@ def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_resumes(tmp_p
     assert resume_point(checkpoints) == (checkpoints / "previous.ckpt", 4)
     assert "is unreadable" in capsys.readouterr().err
     marker = tmp_path / "pwned"
-    (checkpoints / "previous.ckpt").write_bytes(pickle.dumps(_Bomb(str(marker))))  # tampered
+    (checkpoints / "previous.ckpt").write_bytes(pickle_bomb(marker))  # tampered
     assert resume_point(checkpoints) == (None, 0)
     assert not marker.exists()
     aside = sorted(p.name.split(".corrupt-")[0] for p in checkpoints.glob("*.corrupt-*"))

@@ -5,7 +5,6 @@ checkpoint on 2, to the same weights. Also: a sharded checkpoint is read without
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from dsv3.stages.runner import run_stage
 from dsv3.train.checkpoints import LAST, PREVIOUS, resume_point
 from dsv3.train.launch import launch_torchrun, torchrun_command
 from dsv3.train.sharded import DCP_INDEX, is_sharded
-from tests.conftest import RECIPES, REPO
+from tests.conftest import RECIPES, REPO, pickle_bomb
 
 STEPS = 8
 SHORT = [f"pretrain.steps={STEPS}", "pretrain.checkpoint_every_n_steps=2", "pretrain.val_every_n_steps=4",
@@ -126,22 +125,13 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(tmp_path, tokenizer, on
     assert_same_run(run, one_process)
 
 
-class _Bomb:
-    """Unpickling this writes a file: proof that a checkpoint index was unpickled with code execution."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
 
 def test_a_tampered_sharded_index_is_set_aside_unexecuted(tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     index = checkpoints / LAST / DCP_INDEX
     index.parent.mkdir(parents=True)
     marker = tmp_path / "pwned"
-    index.write_bytes(pickle.dumps(_Bomb(str(marker))))
+    index.write_bytes(pickle_bomb(marker))
     torch.save({"global_step": 4}, checkpoints / LAST / "meta.pt")
     assert resume_point(checkpoints) == (None, 0)
     assert not marker.exists()
