@@ -32,8 +32,10 @@ the script puts the repository on sys.path and uses the machine's python3):
 
     run(command="make gpu-check OUT=$OUT", timeout_s=540)
 
-(or command="python3 benchmarks/gpu_check.py --out $OUT" if make is missing there). 540 s leaves 9 minutes of the 15 for
-the start and one rerun of the parts that failed: `python3 benchmarks/gpu_check.py --out $OUT --parts c d`.
+(or command="python3 benchmarks/gpu_check.py --out $OUT" if make is missing there). The run takes at most ~8 minutes;
+the 9-minute limit leaves about 6 of a session's 15 for the machine's start and a rerun of only the parts that failed,
+e.g. `python3 benchmarks/gpu_check.py --out $OUT --parts c d`. Its three files come back from $OUT.
+`python3 benchmarks/gpu_check.py --cpu-dry-run` runs every part on the CPU at toy sizes, to check the script itself.
 """
 
 from __future__ import annotations
