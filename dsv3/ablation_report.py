@@ -79,13 +79,14 @@ ARMS = {stem: a for a in ABLATIONS for stem in a.arms}
 
 @dataclass
 class ArmRun:
-    """One seed of one finished arm: its recipe name, the switch's value (and its companions'), the pretrain stage's
+    """One seed of one finished arm: its recipe name, the switch's value and its companions' ({dotted key: value}), the
+    pretrain stage's
     metrics (final_val_loss, ...) and history (records {"step", "val/loss", "train/ce", "train/maxvio_batch",
     "train/maxvio_batch_layer<i>", "val/maxvio_global", ...}), the MTP acceptance rate (None: no MTP module), the
     pretrain stage's MLflow run and the seed."""
 
     recipe: str
-    switch_value: Any
+    switch_value: dict[str, Any]
     metrics: dict[str, float]
     history: list[dict[str, float]]
     acceptance: float | None = None
@@ -381,7 +382,7 @@ def _arm_row(ablation: Ablation, stem: str, seeds: Seeds) -> str:
         return f"| {ablation.name} | {stem} | {MISSING} | {ablation.switch} | 0 | " + " | ".join([MISSING] * 6) + " |"
     runs = [seeds[s] for s in sorted(seeds)]
     first = runs[0]
-    switch = f"{ablation.switch} = {first.switch_value}"
+    switch = "; ".join(f"{k} = {v}" for k, v in first.switch_value.items())
     acceptance = (
         _mean_sd([r.acceptance for r in runs], "{:.1%}") if all(r.acceptance is not None for r in runs) else "n/a (no MTP module)"
     )

@@ -253,7 +253,7 @@ def run_seed(
             if state.is_failed():
                 raise StageFailed(result["failure"]["message"])
             logger.info("%-19s seed %-5d %-10s %s", stem, recipe.seed, stage, result["action"])
-        run = arm_run(recipe, runs_dir, ablation.switch)
+        run = arm_run(recipe, runs_dir, ablation)
         if run is None:
             return None
         metrics = {k: run.metrics[k] for k in ARM_METRICS}
@@ -280,15 +280,16 @@ def log_arm_spread(tracker: Tracker, arm_run_id: str, seeds: dict[int, ArmRun]) 
     tracker.log_metrics(arm_run_id, metrics)
 
 
-def arm_run(recipe: Recipe, runs_dir: str, switch: str) -> ArmRun | None:
+def arm_run(recipe: Recipe, runs_dir: str, ablation: Ablation) -> ArmRun | None:
     """The (arm, seed)'s finished pretraining as an ArmRun, or None when its pretrain stage has not completed."""
     workdir = run_root(runs_dir, recipe) / "pretrain"
     manifest = read_manifest(workdir)
     if manifest is None or manifest.status != "completed":
         return None
     history = json.loads((workdir / pretrain.RESULT).read_text())["history"]
+    flat = flatten(recipe)
     return ArmRun(
-        recipe.name, flatten(recipe)[switch], manifest.metrics, history, mlflow_run_id=manifest.mlflow_run_id, seed=recipe.seed
+        recipe.name, {k: flat[k] for k in (ablation.switch, *ablation.also)}, manifest.metrics, history, mlflow_run_id=manifest.mlflow_run_id, seed=recipe.seed
     )
 
 

@@ -67,7 +67,7 @@ def arm(val_loss: float, maxvio: float = 0.5, acceptance: float | None = None, s
     history = [{"step": 10.0, "train/ce": val_loss + 1, "train/maxvio_batch": maxvio, "train/maxvio_batch_layer1": maxvio,
                 "train/maxvio_batch_layer2": maxvio / 2},
                {"step": 20.0, "val/loss": val_loss, "val/maxvio_global": maxvio, "val/maxvio_global_layer1": maxvio}]
-    return ArmRun(f"r{seed}", "v", metrics, history, acceptance, f"run{seed}", seed)
+    return ArmRun(f"r{seed}", {"pretrain.balancing": "aux_loss", "model.aux_loss_alpha": 0.0}, metrics, history, acceptance, f"run{seed}", seed)
 
 
 def seeds(*values, **kw) -> dict:
@@ -117,7 +117,8 @@ def test_markdown_shows_every_seed_and_missing_arms(tmp_path):
     assert "| fp8-wide | missing | missing | missing |" in per_seed
     assert "| fp8 | fp8-wide | missing |" in text  # arms table
     assert "![balancing](balancing_maxvio.png)" in text
-    assert "| loss-free | r7 | pretrain.balancing = v | 3 | 3.9800 ± 0.0200 |" in text
+    # the arm's switch and the settings that go with it (no-balancing is aux_loss with alpha 0)
+    assert "| loss-free | r7 | pretrain.balancing = aux_loss; model.aux_loss_alpha = 0.0 | 3 | 3.9800 ± 0.0200 |" in text
 
 
 def test_plots_draw_every_arm_and_moe_layer(tmp_path):
