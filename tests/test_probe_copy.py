@@ -45,6 +45,9 @@ def test_probe_trains_in_segments_measures_four_models_and_reuses(tmp_path):
     # plain RoPE untouched equals the last training measurement at L: the same model, the same rows
     assert result["variants"]["plain RoPE"]["32"]["induction_gain"] == pytest.approx(result["training"][-1]["induction_gain"])
     assert max(r["step"] for r in result["history"]) == 4  # the segments add up to one run of 4 steps
+    counted = [r for r in result["history"] if "train/tokens_seen" in r]  # rows of fixed length 32 are counted
+    assert counted and all(r["train/tokens_seen"] % 32 == 0 and r["train/tokens_per_s"] > 0 for r in counted)
+    assert counted[-1]["train/tokens_seen"] == 4 * shrunk().pretrain.global_batch_size * 32
     text = (tmp_path / "copy.md").read_text()
     assert text == markdown(result) and "| YaRN, trained at 4x |" in text and (tmp_path / "curves.png").is_file()
     again = run(shrunk(), tmp_path, log=lines.append)

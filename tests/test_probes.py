@@ -85,6 +85,13 @@ def test_training_rows_never_hold_a_held_out_key():
     assert all(p.keys[0] in heldout and len(p.ids) == 512 and p.answer_starts == [509] for p in prompts)
 
 
+def test_copy_rows_copy_at_least_the_minimum_share():
+    rows = probe_rows(VOCAB, 30, 128, seed=4, copy_fraction=1.0, min_segment_share=0.375)
+    for ids in rows.tolist():  # some 48-token window occurs twice in the row
+        windows = [tuple(ids[i : i + 48]) for i in range(128 - 48 + 1)]
+        assert len(set(windows)) < len(windows)
+
+
 def test_rows_are_fixed_by_the_seed():
     a, b = probe_rows(VOCAB, 20, 64, seed=5), probe_rows(VOCAB, 20, 64, seed=5)
     assert a.dtype == np.int32 and a.shape == (20, 64) and (a == b).all()

@@ -176,16 +176,17 @@ def key_value_row(
 
 
 def probe_rows(
-    vocab: ProbeVocab, rows: int, length: int, seed: int, copy_fraction: float = 0.5, **kv
+    vocab: ProbeVocab, rows: int, length: int, seed: int, copy_fraction: float = 0.5, min_segment_share: float = 0.375, **kv
 ) -> np.ndarray:
-    """(rows, length) int32 training rows from train keys: a `copy_fraction` share of copy rows, the rest key-value
-    rows (`kv`: pairs, queries, key_tokens, value_tokens), interleaved at random."""
+    """(rows, length) int32 training rows from train keys: a `copy_fraction` share of copy rows (segments of
+    min_segment_share·length to length/2 tokens), the rest key-value rows (`kv`: pairs, queries, key_tokens,
+    value_tokens), interleaved at random."""
     rng = random.Random(f"probe-rows:{seed}:{length}")
     keys = split_keys(vocab, kv.get("key_tokens", 2), "train")
     out = np.empty((rows, length), dtype=np.int32)
     for r in range(rows):
         if rng.random() < copy_fraction:
-            out[r] = copy_row(rng, vocab, length).ids
+            out[r] = copy_row(rng, vocab, length, max(1, round(min_segment_share * length))).ids
         else:
             out[r] = key_value_row(rng, vocab, length, "train", keys=keys, **kv).ids
     return out

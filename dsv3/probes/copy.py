@@ -57,6 +57,9 @@ class ProbeSection(Section):
     seq_len: int = Field(128, ge=32, description="training length L")
     train_rows: int = Field(20000, gt=0, description="distinct training rows (the loop cycles through them)")
     copy_fraction: float = Field(0.5, ge=0, le=1, description="share of copy rows; the rest are key-value rows")
+    min_segment_share: float = Field(
+        0.375, gt=0, le=0.5, description="a copy row's shortest copied segment, as a share of the row (longest: half)"
+    )
     pairs: int = Field(4, ge=1, description="stored pairs per key-value row")
     queries: int = Field(2, ge=1, description="queries at the end of a training key-value row")
     key_tokens: int = Field(2, ge=1)
@@ -156,9 +159,11 @@ def yarn_config(config: DSV3Config, recipe: CopyProbeRecipe) -> DSV3Config:
 
 
 def rows_dataset(ids: np.ndarray) -> datasets.Dataset:
-    """The loop's packed-rows format: input_ids and position_ids (0..T−1) per row."""
+    """The loop's packed-rows format: input_ids and position_ids (0..T−1) per row, both of fixed length T."""
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
-    return datasets.Dataset.from_dict({"input_ids": ids, "position_ids": positions})
+    row = datasets.List(datasets.Value("int32"), length=ids.shape[1])
+    features = datasets.Features({"input_ids": row, "position_ids": row})
+    return datasets.Dataset.from_dict({"input_ids": ids, "position_ids": positions}, features=features)
 
 
 def measure(model, recipe: CopyProbeRecipe, length: int) -> dict[str, float]:
@@ -193,8 +198,8 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
     config = model_config(recipe)
     long = p.extension_factor * p.seq_len
 
-    train = rows_dataset(probe_rows(vocab, p.train_rows, p.seq_len, seed, p.copy_fraction, **p.kv()))
-    val = rows_dataset(probe_rows(vocab, 256, p.seq_len, seed + 1, p.copy_fraction, **p.kv()))
+    train = rows_dataset(probe_rows(vocab, p.train_rows, p.seq_len, seed, p.copy_fraction, p.min_segment_share, **p.kv()))
+    val = rows_dataset(probe_rows(vocab, 256, p.seq_len, seed + 1, p.copy_fraction, p.min_segment_share, **p.kv()))
     settings = LoopSettings.from_pretrain(recipe.pretrain)
     torch.manual_seed(seed)
     training = [{"step": 0, **measure(DSV3ForCausalLM(config), recipe, p.seq_len)}]  # the initialisation fit() draws
@@ -211,8 +216,8 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
     history = result.history
     pretrained = result.model.state_dict()
 
-    long_train = rows_dataset(probe_rows(vocab, max(2000, p.train_rows // (4 * p.extension_factor)), long, seed + 2, p.copy_fraction, **p.kv()))
-    long_val = rows_dataset(probe_rows(vocab, 64, long, seed + 3, p.copy_fraction, **p.kv()))
+    long_train = rows_dataset(probe_rows(vocab, max(2000, p.train_rows // (4 * p.extension_factor)), long, seed + 2, p.copy_fraction, p.min_segment_share, **p.kv()))
+    long_val = rows_dataset(probe_rows(vocab, 64, long, seed + 3, p.copy_fraction, p.min_segment_share, **p.kv()))
     phase = recipe.extend.phases[0]
     variants = {}
     for name, yarn, train_long in zip(VARIANTS, (False, True, False, True), (False, False, True, True), strict=True):

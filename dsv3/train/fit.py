@@ -75,7 +75,10 @@ def fit(
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")  # we want post-step
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # val/loss is summed over the ranks already
-    plan = step_plan(settings, train_rows.features["input_ids"].length)
+    seq_len = train_rows.features["input_ids"].length
+    if seq_len < 1:
+        raise ValueError("fit: the rows' input_ids feature has no fixed length; build the dataset with a fixed-length List feature")
+    plan = step_plan(settings, seq_len)
     torch.manual_seed(seed)
     module = CausalLMTraining(config, settings, plan, token_bytes, step_offset)
     if initial_weights is not None:
