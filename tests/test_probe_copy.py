@@ -9,8 +9,8 @@ from dsv3.probes.copy import VARIANTS, CopyProbeRecipe, load_copy_recipe, markdo
 from tests.conftest import RECIPES
 
 SHRINK = {
-    "probe": {"train_rows": 64, "eval_rows": 4, "eval_batch_size": 4, "checkpoints": 2, "seq_len": 32,
-              "pairs": 2, "queries": 1},
+    "probe": {"train_rows": 64, "eval_rows": 4, "eval_batch_size": 4, "checkpoints": 2, "copy_only_segments": 1,
+              "seq_len": 32, "pairs": 2, "queries": 1},
     "model": {"hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 16, "kv_lora_rank": 16,
               "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4, "max_position_embeddings": 32},
     "pretrain": {"steps": 4, "global_batch_size": 4, "micro_batch_size": 4, "val_every_n_steps": 2, "val_max_rows": 4,
@@ -59,6 +59,7 @@ def test_probe_trains_in_segments_measures_four_models_and_reuses(tmp_path):
     ({"pretrain": SHRINK["pretrain"] | {"lr_warmup_fraction": 0.1}}, "pretrain.lr_warmup_fraction"),
     ({"extend": SHRINK["extend"] | {"phases": [{"seq_len": 64, "steps": 1}]}}, "extend.phases"),
     ({"probe": SHRINK["probe"] | {"pairs": 4, "queries": 2}}, "probe.seq_len"),
+    ({"probe": SHRINK["probe"] | {"copy_only_segments": 2}}, "probe.copy_only_segments"),
 ])
 def test_recipes_that_cannot_run_are_refused(changes, key, tmp_path):
     with pytest.raises(ValueError, match=key):

@@ -1,10 +1,12 @@
 """The copy/retrieval probe (recipes/probes/copy.yaml): the two skills passkey retrieval is made of, where 2 CPU cores
 can show them, then YaRN against plain RoPE past the training length.
 
-1. Pretraining with the loop (dsv3.train.fit) on synthetic rows (dsv3.data.probes): half copy rows (a random
-   segment written twice), half key-value rows (stored pairs, queries at the end; train keys only). It runs in
+1. Pretraining with the loop (dsv3.train.fit) on synthetic rows (dsv3.data.probes): copy rows (a random segment
+   written twice) and key-value rows (stored pairs, queries at the end; train keys only). It runs in
    `probe.checkpoints` segments of one constant-LR run, and after each the model is measured — so the induction gain
-   is seen rising over training.
+   is seen rising over training. The first `probe.copy_only_segments` segments train on copy rows alone: mixed in
+   from the start, the key-value rows delay the induction heads by hundreds of steps (measured: 80% copy rows
+   reached a gain of 0.01 nats at step 300, copy rows alone 0.96).
 2. Measured at the training length L and at `extension_factor`·L: the induction gain on repeated random sequences
    (dsv3.eval.induction: first-copy minus second-copy loss, ≈ 0 without copying, up to ≈ ln of the symbol count)
    and greedy exact-match retrieval of held-out keys (dsv3.eval.retrieval), for four models —
@@ -68,6 +70,9 @@ class ProbeSection(Section):
     eval_rows: int = Field(64, gt=0, description="rows per measurement (repeated sequences; held-out key-value rows)")
     eval_batch_size: int = Field(16, gt=0)
     checkpoints: int = Field(4, ge=1, description="pretraining segments, each followed by a measurement at L")
+    copy_only_segments: int = Field(
+        0, ge=0, description="the first segments train on copy rows only (induction forms first), the rest on both kinds"
+    )
 
     def vocab(self) -> ProbeVocab:
         return ProbeVocab(self.key_symbols, self.value_symbols, self.filler_symbols)
@@ -104,6 +109,10 @@ class CopyProbeRecipe(Section):
                 "(each segment resumes from the last checkpoint)"
             )
         q = self.probe
+        if q.copy_only_segments >= q.checkpoints:
+            raise ValueError(
+                f"probe.copy_only_segments: at most probe.checkpoints - 1 ({q.checkpoints - 1}), so that key-value rows are trained on"
+            )
         if (q.pairs + q.queries) * (1 + q.key_tokens + q.value_tokens) > q.seq_len or q.queries > q.pairs:
             raise ValueError("probe.seq_len: a key-value row must hold the pairs and the queries (queries <= pairs)")
         longer = self.probe.extension_factor * self.probe.seq_len
@@ -205,9 +214,13 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
     training = [{"step": 0, **measure(DSV3ForCausalLM(config), recipe, p.seq_len)}]  # the initialisation fit() draws
     log(f"copy probe: step 0: induction gain {training[-1]['induction_gain']:.3f} nats")
     segment = settings.steps // p.checkpoints
+    copy_only = (
+        rows_dataset(probe_rows(vocab, p.train_rows, p.seq_len, seed + 4, 1.0, p.min_segment_share, **p.kv()))
+        if p.copy_only_segments else None
+    )  # fmt: skip
     for k in range(1, p.checkpoints + 1):
         result = fit(
-            replace(settings, steps=k * segment), config, train, val, workdir / "pretrain", seed, token_bytes,
+            replace(settings, steps=k * segment), config, copy_only if k <= p.copy_only_segments else train, val, workdir / "pretrain", seed, token_bytes,
             workdir / "pretrain" / "model", workdir / "vocab", logger=logger_factory() if logger_factory else False,
         )
         training.append({"step": k * segment, **measure(result.model, recipe, p.seq_len)})
