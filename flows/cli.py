@@ -96,7 +96,7 @@ def add_flow_commands(sub) -> None:
         "over steps with its spread, held-out accuracy SFT vs RL). Writes runs/probes/probes.md and .html; finished "
         "work is reused.",
         epilog="examples:\n"
-        "  dsv3 probes --only copy                      # about 5 minutes on 2 cores\n"
+        "  dsv3 probes --only copy                      # about 2.5 minutes on 2 cores\n"
         "  dsv3 probes --recipes recipes/probes --runs-dir runs --seeds 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
