@@ -43,12 +43,7 @@ def plot_losses(
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_expert_load(expert_load: torch.Tensor, row_labels: list[str], path: Path, title: str) -> Path:
@@ -61,10 +56,7 @@ def plot_expert_load(expert_load: torch.Tensor, row_labels: list[str], path: Pat
     ax.set_xlabel("routed expert")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="load / mean load")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_max_violation(history: list[dict[str, float]], path: Path) -> Path:
@@ -77,8 +69,17 @@ def plot_max_violation(history: list[dict[str, float]], path: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MaxVio")
     ax.set_title("Expert-load imbalance (MaxVio)")
+    return _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path: Path) -> Path:
+    """Grid and legend on a line plot, then _save."""
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
