@@ -9,9 +9,7 @@ modules (see `submodule`) and feature-detect what depends on the torch version.
 """
 
 import copy
-import importlib
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -26,23 +24,13 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gpu_check import submodule  # noqa: E402 - dsv3 modules without the packages this machine may lack
+
 SMOKE_SHAPE = dict(  # recipes/smoke.yaml's model
     vocab_size=512, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=1,
     max_position_embeddings=64,
 )  # fmt: skip
-
-
-def submodule(name: str):
-    """Import the dsv3 module `name`; when its package's __init__ needs a package this machine lacks (dsv3.fp8's
-    imports Lightning, dsv3.train's datasets and pydantic), the package is registered bare so its modules still load."""
-    package = name.rpartition(".")[0]
-    try:
-        importlib.import_module(package)
-    except ImportError:
-        bare = types.ModuleType(package)
-        bare.__path__ = [str(REPO / package.replace(".", "/"))]
-        sys.modules[package] = bare
-    return importlib.import_module(name)
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
