@@ -41,8 +41,8 @@ def as_smoke(line: str, runs_dir, tmp_path) -> list[str]:
     argv = shlex.split(line)[1:]
     out = []
     for arg in argv:
+        arg = re.sub(r"^/tmp/", f"{tmp_path}/", arg)  # before the recipe: a checkout may itself lie under /tmp
         arg = arg.replace("recipes/tiny.yaml", str(RECIPES / "smoke.yaml"))
-        arg = re.sub(r"^/tmp/", f"{tmp_path}/", arg)
         arg = re.sub(r"^tiny(?=/|$)", "smoke", arg)
         arg = re.sub(r"^runs/tiny", f"{runs_dir}/smoke", arg)
         out.append(arg)
