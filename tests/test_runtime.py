@@ -40,8 +40,9 @@ def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
         "--set", "pretrain.steps=400", "--runs-dir", str(runs_dir),
     ]  # fmt: skip
     process = subprocess.Popen(
-        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, also when this suite
+    )  # runs as a background job (`make test &`), whose children inherit SIGINT ignored
     root = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", ["pretrain.steps=400"]))
     checkpoint = root / "pretrain" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
@@ -52,9 +53,7 @@ def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
     os.killpg(process.pid, signum)  # as a terminal delivers Ctrl-C: to the whole foreground group
     sent = time.monotonic()
     output = process.communicate(timeout=60)[0].decode()
-    # within the teardown's own bounds (queued logs drained <= 2 x 5 s, the server stopped <= 10 s, then MLflow and
-    # the manifest), not the minutes a flow spends retrying a server the signal killed; 20 s once failed in CI at 31 s
-    assert time.monotonic() - sent < 45
+    assert time.monotonic() - sent < 20
     assert process.returncode == code, output[-2000:]
     assert output.rstrip().splitlines()[-1] == "dsv3: interrupted — rerun the same command to resume"
     assert "Traceback" not in output
