@@ -80,10 +80,9 @@ ARMS = {stem: a for a in ABLATIONS for stem in a.arms}
 @dataclass
 class ArmRun:
     """One seed of one finished arm: its recipe name, the switch's value and its companions' ({dotted key: value}), the
-    pretrain stage's
-    metrics (final_val_loss, ...) and history (records {"step", "val/loss", "train/ce", "train/maxvio_batch",
-    "train/maxvio_batch_layer<i>", "val/maxvio_global", ...}), the MTP acceptance rate (None: no MTP module), the
-    pretrain stage's MLflow run and the seed."""
+    pretrain stage's metrics (final_val_loss, ...) and history (records {"step", "val/loss", "train/ce",
+    "train/maxvio_batch", "train/maxvio_batch_layer<i>", "val/maxvio_global", ...}), the MTP acceptance rate (None: no
+    MTP module), the pretrain stage's MLflow run and the seed."""
 
     recipe: str
     switch_value: dict[str, Any]
