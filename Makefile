@@ -6,7 +6,7 @@ RECIPE  ?= recipes/tiny.yaml
 RUNS    ?= runs
 SET     ?=
 NAME    ?=
-SEEDS   ?= 3
+SEEDS   ?=
 PROBE_SEEDS ?= 1
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
@@ -60,13 +60,13 @@ gpu-check:  ## on a CUDA GPU (< 8 min): CUDA tests, FP8 vs BF16, small.yaml MFU,
 lint:  ## ruff
 	$(BIN)/ruff check dsv3 flows tests benchmarks
 
-pipeline:  ## run every stage of RECIPE through the Prefect flow (SET='--set k=v' changes it, NAME= names the variant)
+pipeline:  ## run every stage of RECIPE through the Prefect flow (SET='--set k=v' changes it, NAME= names the variant, SEEDS=3 runs 3 seeds and tabulates them)
 	@mkdir -p $(RUNS)
-	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(if $(NAME),--name $(NAME)) $(SET)
+	$(DSV3) run --recipe $(RECIPE) --runs-dir $(RUNS) $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds $(SEEDS)) $(SET)
 
 ablations:  ## ablation pretrainings over SEEDS seeds (recipes/ablations): FP8, balancing, MTP vs the papers -> RUNS/ablations/
 	@mkdir -p $(RUNS)
-	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS) --seeds $(SEEDS)
+	$(DSV3) ablations --recipes recipes/ablations --runs-dir $(RUNS) --seeds $(or $(SEEDS),3)
 
 probes:  ## the probes (recipes/probes): copying, retrieval and YaRN on synthetic rows; GRPO on a task SFT gets partly right
 	@mkdir -p $(RUNS)

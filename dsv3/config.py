@@ -34,6 +34,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+MIXTURE_SOURCES = ("corpus", "copy", "retrieval", "math")
+
+
 class DataSection(Section):
     """Where the training text comes from and how it is cut into sequences (PAPER.md, "Pretraining")."""
 
@@ -51,6 +54,11 @@ class DataSection(Section):
     split_punctuation_rate: float = Field(
         0.1, ge=0, le=1, description="fraction of punctuation+line-break tokens split when encoding"
     )
+    mixture: dict[str, float | dict[float, float]] | None = Field(
+        None,
+        description="pretraining sources (corpus = data.source; generated: copy, retrieval, math) -> a weight, or "
+        "{training fraction: weight} piecewise constant from each fraction on; null = the corpus alone",
+    )
 
     @model_validator(mode="after")
     def _source_needs_its_location(self) -> DataSection:
@@ -58,6 +66,27 @@ class DataSection(Section):
             raise ValueError("data.paths: source=local needs at least one file or folder")
         if self.source == "hf" and not self.hf_name:
             raise ValueError("data.hf_name: source=hf needs a dataset name or local dataset folder")
+        return self
+
+    @model_validator(mode="after")
+    def _mixture_is_a_schedule(self) -> DataSection:
+        if self.mixture is None:
+            return self
+        unknown = set(self.mixture) - set(MIXTURE_SOURCES)
+        if unknown or "corpus" not in self.mixture:
+            raise ValueError(
+                f"data.mixture: sources must include corpus and be among {', '.join(MIXTURE_SOURCES)}"
+                + (f"; {', '.join(sorted(unknown))} unknown" if unknown else "")
+            )
+        for source, weight in self.mixture.items():
+            schedule = weight if isinstance(weight, dict) else {0.0: weight}
+            if 0.0 not in schedule or any(not 0 <= f < 1 for f in schedule):
+                raise ValueError(f"data.mixture.{source}: training fractions must lie in [0, 1) and start at 0.0")
+            if any(w < 0 for w in schedule.values()):
+                raise ValueError(f"data.mixture.{source}: weights must be >= 0")
+        from dsv3.data.mixture import mean_shares  # the data layer imports this module
+
+        mean_shares(self.mixture)  # a ValueError where every weight is 0 from some fraction on
         return self
 
 

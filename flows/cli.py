@@ -37,7 +37,8 @@ def add_flow_commands(sub) -> None:
         epilog="examples:\n"
         "  dsv3 run --recipe recipes/tiny.yaml --until tokenizer --set tokenizer.vocab_size=1024\n"
         "  dsv3 run --recipe recipes/tiny.yaml --until pretrain --name lr1e-3 --set pretrain.lr_peak=1e-3\n"
-        "  dsv3 run --recipe recipes/tiny.yaml",
+        "  dsv3 run --recipe recipes/tiny.yaml\n"
+        "  dsv3 run --recipe recipes/tiny.yaml --seeds 3      # seeds s0, s0+1, s0+2; the table of every stage over them",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")
@@ -45,6 +46,12 @@ def add_flow_commands(sub) -> None:
     add_set_option(run)
     run.add_argument(
         "--name", help="the variant's folder name, runs/<recipe>/<name> (default: from the overrides and a digest)"
+    )
+    run.add_argument(
+        "--seeds", type=int, default=1,
+        help="run the pipeline for the recipe's seed s0 and s0+1, ... (N in all), then write the table of every "
+        "stage's headline metrics as mean ± sd with each seed's values to runs/<recipe>/seeds-<variant>/seeds.md "
+        "and .html (default 1: one run, no table)",
     )
     add_runs_dir_option(run)
     run.set_defaults(handler=run_pipeline)
@@ -157,19 +164,19 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from flows.pipeline import stages_to_run
 
     check_data_files(recipe, stages_to_run(recipe, args.until))
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: run at least one seed")
     runs_dir = runs_folder(args.runs_dir)
     command = f"dsv3 run --recipe {args.recipe}" + "".join(f" --set {o}" for o in args.overrides)
     with orchestrated(runs_dir, command):
         from flows.pipeline import pipeline
+        from flows.seeds import pipeline_over_seeds
 
-        state = pipeline(
-            recipe_path=args.recipe,
-            overrides=args.overrides,
-            until=args.until,
-            runs_dir=str(runs_dir),
-            name=args.name,
-            return_state=True,
-        )
+        options = dict(recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=str(runs_dir), name=args.name)
+        if args.seeds > 1:
+            state = pipeline_over_seeds(**options, seeds=args.seeds, return_state=True)
+        else:
+            state = pipeline(**options, return_state=True)
         outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
         raise outcome

@@ -44,7 +44,7 @@ from dsv3.stages import headline
 from dsv3.stages.lock import runs_lock
 from dsv3.stages.runner import code_version, run_stage
 from dsv3.stages.runs import recipe_digest, record_run, run_root, variant_name
-from dsv3.tracking import Tracker
+from dsv3.tracking import PARENT_TAG, Tracker
 
 logging.getLogger("dsv3").setLevel(logging.INFO)  # the training's progress lines reach the flow run's logs
 
@@ -111,17 +111,21 @@ def pipeline(
     until: str | None = None,
     runs_dir: str = "runs",
     name: str | None = None,
+    mlflow_parent_run: str | None = None,
 ) -> list[dict[str, Any]]:
     """tokenizer → pretrain → extend → sft → reward → rl, as far as the recipe (or `until`) says, in the folder
     runs/<recipe>/<variant> (`name`, or named by the overrides); stops at the first stage that fails and returns a
-    Failed state naming it. Takes the runs folder's lock (already held when `dsv3 run` started it)."""
+    Failed state naming it. Takes the runs folder's lock (already held when `dsv3 run` started it).
+    mlflow_parent_run: nest this run's MLflow parent run under that run (the seeds flow's)."""
     recipe = load_recipe(recipe_path, overrides or [], name)
     stages = stages_to_run(recipe, until)
     with runs_lock(Path(runs_dir), f"Prefect flow run {flow_run.name} ({recipe_path})"):
-        return run_pipeline(recipe, recipe_path, stages, runs_dir)
+        return run_pipeline(recipe, recipe_path, stages, runs_dir, mlflow_parent_run)
 
 
-def run_pipeline(recipe: Recipe, recipe_path: str, stages: list[str], runs_dir: str) -> list[dict[str, Any]] | State:
+def run_pipeline(
+    recipe: Recipe, recipe_path: str, stages: list[str], runs_dir: str, mlflow_parent_run: str | None = None
+) -> list[dict[str, Any]] | State:
     logger = get_run_logger()
     root = record_run(runs_dir, recipe, recipe_path)
     tag_flow_run(["dsv3", recipe.name, root.name])
@@ -136,7 +140,7 @@ def run_pipeline(recipe: Recipe, recipe_path: str, stages: list[str], runs_dir: 
         "dsv3.code_version": code_version(),
         "prefect.flow_run_id": str(flow_run.id or ""),
         "prefect.flow_run_url": str(flow_run.ui_url or ""),
-    }
+    } | ({PARENT_TAG: mlflow_parent_run} if mlflow_parent_run else {})
     try:
         with tracker.pipeline_run(f"{recipe.name}/{root.name}", tags=tags) as parent_id:
             tracker.log_params(parent_id, run_params(recipe, recipe_path))

@@ -15,6 +15,17 @@ import torch
 import torch.nn.functional as F
 
 
+def ordinary_token_ids(tokenizer) -> list[int]:
+    """Every id of a `tokenizers.Tokenizer` except its added (special) tokens: what random sequences draw from."""
+    special = tokenizer.get_added_tokens_decoder()
+    return [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True)) if i not in special]
+
+
+def copy_probe_rows(tokenizer, seed: int, rows: int = 16, length: int = 64) -> torch.Tensor:
+    """The stages' copying probe: `rows` random sequences of `length` ordinary tokens, each repeated (rows, 2·length)."""
+    return repeated_random_rows(ordinary_token_ids(tokenizer), rows, length, seed)
+
+
 def repeated_random_rows(token_ids: Sequence[int], rows: int, length: int, seed: int) -> torch.Tensor:
     """(rows, 2·length) token ids: each row a random sequence drawn from `token_ids`, then the same again."""
     if rows < 1 or length < 2:

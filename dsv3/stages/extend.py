@@ -37,7 +37,7 @@ from dsv3.config import ExtendPhase, Recipe
 from dsv3.data.corpus import capped_texts, recipe_corpus, recipe_data_files
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
-from dsv3.eval.induction import copy_losses, repeated_random_rows
+from dsv3.eval.induction import copy_losses, copy_probe_rows
 from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatmap
 from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
 from dsv3.io import write_json_atomic
@@ -59,7 +59,6 @@ TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
 RESULT = "result.json"  # phase<i>/result.json: the phase's history, steps and resume point
 PHASES_ENTRY = "dsv3.stages.extend:train_phases"
-COPY_ROWS, COPY_LENGTH = 16, 64  # the in-context copying probe: 16 random sequences of 64 tokens, each repeated
 
 
 def data_files(recipe: Recipe) -> list[str]:
@@ -76,9 +75,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     ext = recipe.extend
     heldout = PasskeyTask(tokenizer, corpus["validation"]["text"], "heldout", ext.passkey_digits, recipe.seed)
     ppl_rows = perplexity_rows(recipe, tokenizer, corpus["validation"], shared_cache(workdir))
-    special = tokenizer.get_added_tokens_decoder()
-    ordinary = [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True)) if i not in special]
-    copy_rows = repeated_random_rows(ordinary, COPY_ROWS, COPY_LENGTH, recipe.seed)
+    copy_rows = copy_probe_rows(tokenizer, recipe.seed)
 
     started = time.perf_counter()
     before = cached_evaluation(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -28,13 +29,17 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from dsv3.config import Recipe
 from dsv3.data.corpus import recipe_corpus, recipe_data_files
 from dsv3.data.dataset import build_lm_dataset
+from dsv3.data.mixture import mixture_rows
 from dsv3.data.tokenizer import BOS, EOS, PAD, load_tokenizer, token_byte_lengths
+from dsv3.eval.acceptance import acceptance_prompts, mtp_acceptance
+from dsv3.eval.induction import copy_losses, copy_probe_rows
 from dsv3.io import write_json_atomic
-from dsv3.model import DSV3Config
+from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.stages import StageResult
 from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
 from dsv3.stages.runs import shared_cache
@@ -43,11 +48,17 @@ from dsv3.train import FitResult, LoopSettings, fit
 from dsv3.train.data import validation_subset
 from dsv3.train.launch import inside_torchrun, launch_torchrun
 from dsv3.train.plots import plot_expert_load, plot_losses, plot_max_violation
+from dsv3.train.schedules import step_plan
 
 SECTIONS = ("data", "model", "pretrain")
 INPUTS = ("tokenizer",)
 OUTPUT = "model"
-HEADLINE = ("final_val_loss", "unigram_val_loss", "final_val_bits_per_byte", "final_val_maxvio_global", "tokens", "tokens_per_s_median")
+HEADLINE = (
+    "final_val_loss", "unigram_val_loss", "induction_gain", "mtp_acceptance", "final_val_maxvio_global", "tokens", "tokens_per_s_median",
+)  # fmt: skip
+COPY_LENGTH = 64  # the copying probe's sequences: 16 of 64 random tokens, each repeated
+ACCEPTANCE_PROMPTS = (16, 32)  # prompts, tokens each
+ACCEPTANCE_NEW_TOKENS = 32
 TUNABLE = ("pretrain",)  # a diverged run resumes from its last checkpoint after a fix to this section
 CHECKPOINTS = "checkpoints"
 RESULT = "train_result.json"
@@ -63,7 +74,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     check_recipe(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(inputs["tokenizer"] / "tokenizer")
-    train_rows, val_rows = lm_datasets(recipe, tokenizer, workdir)  # built once here, loaded by every rank
+    rows = lm_datasets(recipe, tokenizer, workdir)  # built once here, loaded by every rank
     started = time.perf_counter()
     settings = LoopSettings.from_pretrain(recipe.pretrain)
     if settings.world_size > 1 and not inside_torchrun():
@@ -72,7 +83,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         train_rank(recipe, workdir, inputs)
     seconds = time.perf_counter() - started
     result = json.loads((workdir / RESULT).read_text())
-    return stage_result(recipe, workdir, result, train_rows, val_rows, tokenizer, seconds)
+    return stage_result(recipe, workdir, result, rows, tokenizer, seconds)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -85,18 +96,42 @@ def check_recipe(recipe: Recipe) -> None:
         )
 
 
-def lm_datasets(recipe: Recipe, tokenizer: Tokenizer, workdir: Path) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Packed training rows (FIM and punctuation splitting at the recipe's rates) and plain validation rows."""
+@dataclass
+class PretrainRows:
+    """The rows pretraining reads: `train` (with a data.mixture, the whole run's rows in training order), the plain
+    validation rows of the corpus, the corpus' own training rows (the unigram baseline's counts) and the rows each
+    mixture source packs into."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    corpus_train: datasets.Dataset
+    source_rows: dict[str, int]
+    validation_texts: list[str]
+
+    @property
+    def in_order(self) -> bool:
+        return len(self.source_rows) > 1
+
+
+def lm_datasets(recipe: Recipe, tokenizer: Tokenizer, workdir: Path) -> PretrainRows:
+    """Packed training rows (the corpus with FIM and punctuation splitting at the recipe's rates, blended with the
+    generated sources of data.mixture) and plain validation rows of the corpus."""
     corpus = recipe_corpus(recipe.data)
     cache = shared_cache(workdir)
     data = recipe.data
-    train_rows = build_lm_dataset(
+    corpus_rows = build_lm_dataset(
         corpus["train"], tokenizer, data.seq_len, data.fim_rate, data.split_punctuation_rate, recipe.seed, cache
     )
     val_rows = build_lm_dataset(corpus["validation"], tokenizer, data.seq_len, 0.0, 0.0, recipe.seed, cache)
     if len(val_rows) == 0:
         raise ValueError("the validation split packs into no full row: raise data.validation_fraction or lower data.seq_len")
-    return train_rows, val_rows
+    if not data.mixture:
+        return PretrainRows(corpus_rows, val_rows, corpus_rows, {"corpus": len(corpus_rows)}, corpus["validation"]["text"])
+    plan = step_plan(LoopSettings.from_pretrain(recipe.pretrain), data.seq_len)
+    train_rows, source_rows = mixture_rows(
+        data.mixture, corpus_rows, corpus["train"]["text"], tokenizer, data.seq_len, plan.rows_before(plan.steps), recipe.seed, cache
+    )
+    return PretrainRows(train_rows, val_rows, corpus_rows, source_rows, corpus["validation"]["text"])
 
 
 def model_config(recipe: Recipe, tokenizer: Tokenizer) -> DSV3Config:
@@ -118,20 +153,21 @@ def train_rank(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> None:
     saves the model and the run's result, every rank its router biases (to check they agree)."""
     tokenizer_dir = inputs["tokenizer"] / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir)
-    train_rows, val_rows = lm_datasets(recipe, tokenizer, workdir)
+    rows = lm_datasets(recipe, tokenizer, workdir)
     config = model_config(recipe, tokenizer)
     tracking = stage_run()
     result = fit(
         LoopSettings.from_pretrain(recipe.pretrain),
         config,
-        train_rows,
-        val_rows,
+        rows.train,
+        rows.validation,
         workdir,
         recipe.seed,
         token_byte_lengths(tokenizer, config.vocab_size),
         workdir / OUTPUT,
         tokenizer_dir,
         keep_best=True,
+        rows_in_order=rows.in_order,
         logger=MLFlowLogger(tracking_uri=tracking[0], run_id=tracking[1]) if tracking else False,
     )
     biases = [gate.e_score_correction_bias.tolist() for gate in result.model.moe_gates()]
@@ -162,6 +198,22 @@ def gate_labels(model) -> list[str]:
     return main + [f"MTP {k + 1}" for k in range(len(model.moe_gates()) - len(main))]
 
 
+def evaluate_capabilities(recipe: Recipe, model_dir: Path, tokenizer: Tokenizer, validation_texts: list[str]) -> dict:
+    """What the later stages build on: in-context copying (dsv3.eval.induction: loss on the second copy of 16
+    random COPY_LENGTH-token sequences vs the first) and, with an MTP module, the share of its drafts the main model accepts
+    in greedy speculative decoding on held-out text (report §5.4.3; ACCEPTANCE_PROMPTS windows of the validation
+    split, each continued by ACCEPTANCE_NEW_TOKENS tokens)."""
+    model = DSV3ForCausalLM.from_pretrained(model_dir)
+    half = recipe.data.seq_len // 2  # both measurements stay within the trained length
+    copying = copy_losses(model, copy_probe_rows(tokenizer, recipe.seed, length=min(COPY_LENGTH, half)))
+    metrics = {"induction_gain": copying["induction_gain"], "second_copy_loss": copying["second_copy_loss"]}
+    if model.config.num_nextn_predict_layers:
+        count, length = ACCEPTANCE_PROMPTS
+        prompts = acceptance_prompts(AutoTokenizer.from_pretrained(model_dir), validation_texts, count, min(length, half))
+        metrics["mtp_acceptance"] = mtp_acceptance(model, prompts, min(ACCEPTANCE_NEW_TOKENS, half))
+    return metrics
+
+
 def unigram_cross_entropy(train_rows: datasets.Dataset, val_rows: datasets.Dataset, vocab_size: int) -> float:
     """Nats per token of the validation targets under the training tokens' unigram frequencies (add-one
     smoothed): the loss of a model that ignores context, the baseline the trained model must beat."""
@@ -176,8 +228,7 @@ def stage_result(
     recipe: Recipe,
     workdir: Path,
     result: dict,
-    train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset,
+    rows: PretrainRows,
     tokenizer: Tokenizer,
     seconds: float,
 ) -> StageResult:
@@ -186,7 +237,7 @@ def stage_result(
     final_val = [r for r in history if "val/loss" in r][-1]
     last_train = [r for r in history if "train/loss" in r][-1]
     vocab = max(tokenizer.get_vocab_size(with_added_tokens=True), recipe.model.vocab_size or 0)
-    unigram = unigram_cross_entropy(train_rows, validation_subset(val_rows, cfg.val_max_rows), vocab)
+    unigram = unigram_cross_entropy(rows.corpus_train, validation_subset(rows.validation, cfg.val_max_rows), vocab)
     biases = [json.loads(p.read_text())["router_bias"] for p in sorted((workdir / RANKS).glob("rank*.json"))]
     bias_spread = float(np.max(np.ptp(np.asarray(biases), axis=0))) if len(biases) > 1 else 0.0
     artifacts = [
@@ -198,6 +249,7 @@ def stage_result(
         title = f"Validation expert load ({cfg.balancing}), step {int(final_val['step'])}"
         artifacts.append(plot_expert_load(load, result["gate_labels"], workdir / "expert_load.png", title).name)
     tokens_per_s = [r["train/tokens_per_s"] for r in history if "train/tokens_per_s" in r]
+    capabilities = evaluate_capabilities(recipe, workdir / OUTPUT, tokenizer, rows.validation_texts)
     metrics = {
         "final_val_loss": final_val["val/loss"],
         "final_val_bits_per_byte": final_val["val/bits_per_byte"],
@@ -214,12 +266,15 @@ def stage_result(
         "resumed_from_step": result["resumed_from_step"],
         "ranks": len(biases),
         "router_bias_rank_spread": bias_spread,
+        **capabilities,
         NONFINITE: count_nonfinite(logged_losses(history)),
     }
     summary = (
         f"{result['steps']} steps, {result['tokens'] / 1e6:.2f}M tokens in {seconds:.0f}s "
         f"({metrics['tokens_per_s_median']:.0f} tokens/s); validation loss {metrics['final_val_loss']:.3f} nats/token "
         f"({metrics['final_val_bits_per_byte']:.3f} bits/byte) vs unigram {unigram:.3f}; "
-        f"global MaxVio {metrics['final_val_maxvio_global']:.3f} ({cfg.balancing})."
+        f"global MaxVio {metrics['final_val_maxvio_global']:.3f} ({cfg.balancing}); induction gain "
+        f"{metrics['induction_gain']:.2f} nats"
+        + (f", MTP draft acceptance {metrics['mtp_acceptance']:.1%}." if "mtp_acceptance" in metrics else ".")
     )
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary)

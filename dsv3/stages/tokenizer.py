@@ -1,5 +1,6 @@
 """Tokenizer stage: byte-level BPE trained on the training split (PAPER.md, "Model": vocab).
 
+With a `data.mixture`, it trains on every source in its mean share of the run (dsv3.data.mixture.tokenizer_texts).
 Output: `tokenizer/` — tokenizer.json plus a transformers fast-tokenizer directory with the chat template,
 which `AutoTokenizer.from_pretrained` and TRL load. Metrics: bytes per token and vocabulary usage on the
 validation split (text the tokenizer never saw).
@@ -13,6 +14,7 @@ from pathlib import Path
 from dsv3.config import Recipe
 from dsv3.data.chat import CHAT_TEMPLATE
 from dsv3.data.corpus import capped_texts, recipe_corpus, recipe_data_files
+from dsv3.data.mixture import tokenizer_texts
 from dsv3.data.tokenizer import bytes_per_token, save_tokenizer, train_tokenizer, vocab_usage
 from dsv3.stages import StageResult
 
@@ -29,7 +31,11 @@ def data_files(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     corpus = recipe_corpus(recipe.data)
-    texts = capped_texts(corpus["train"], recipe.tokenizer.max_training_bytes)
+    if recipe.data.mixture:
+        budget = recipe.tokenizer.max_training_bytes or sum(len(t.encode("utf-8")) for t in corpus["train"]["text"])
+        texts = tokenizer_texts(recipe.data.mixture, corpus["train"], recipe.seed, budget)
+    else:
+        texts = capped_texts(corpus["train"], recipe.tokenizer.max_training_bytes)
     started = time.perf_counter()
     tokenizer = train_tokenizer(texts, recipe.tokenizer.vocab_size, recipe.tokenizer.min_frequency)
     train_seconds = time.perf_counter() - started

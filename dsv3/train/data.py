@@ -42,15 +42,18 @@ def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class StepSampler(Sampler[list[int]]):
     """Micro-batches of row indices for optimizer steps start_step.. of `plan`, for one rank.
 
-    The rows form an endless stream of per-epoch permutations (seeded by seed + epoch); step s takes the next
+    The rows form an endless stream of per-epoch permutations (seeded by seed + epoch) — or, `in_order`, of the rows
+    as given (a mixture's blend, already in training order); step s takes the next
     plan.batch_sizes[s] rows of the stream, rank r takes its contiguous 1/world share, cut into `accumulation`
     micro-batches. Every index depends only on (seed, plan, step), so a resumed run sees the same data.
     """
 
-    def __init__(self, plan: StepPlan, n_rows: int, seed: int, rank: int, world: int, accumulation: int, start_step: int):
+    def __init__(
+        self, plan: StepPlan, n_rows: int, seed: int, rank: int, world: int, accumulation: int, start_step: int, in_order: bool = False
+    ):
         if n_rows == 0:
             raise ValueError("the training set has no rows: use more text or a smaller data.seq_len")
-        self.plan, self.n_rows, self.seed = plan, n_rows, seed
+        self.plan, self.n_rows, self.seed, self.in_order = plan, n_rows, seed, in_order
         self.rank, self.world, self.accumulation, self.start_step = rank, world, accumulation, start_step
         self._permutations: dict[int, torch.Tensor] = {}
 
@@ -59,6 +62,8 @@ class StepSampler(Sampler[list[int]]):
 
     def _row(self, position: int) -> int:
         epoch, offset = divmod(position, self.n_rows)
+        if self.in_order:
+            return offset
         if epoch not in self._permutations:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._permutations = {epoch: torch.randperm(self.n_rows, generator=generator)}
@@ -99,10 +104,17 @@ class PackedRowsData(L.LightningDataModule):
     """Training rows through a StepSampler; validation rows split over ranks (rank r takes r::world)."""
 
     def __init__(
-        self, train_rows: datasets.Dataset, val_rows: datasets.Dataset, settings: LoopSettings, plan: StepPlan, seed: int
+        self,
+        train_rows: datasets.Dataset,
+        val_rows: datasets.Dataset,
+        settings: LoopSettings,
+        plan: StepPlan,
+        seed: int,
+        rows_in_order: bool = False,
     ):
         super().__init__()
         self.train_rows, self.settings, self.plan, self.seed = PackedRows(train_rows), settings, plan, seed
+        self.rows_in_order = rows_in_order
         self.val_rows = PackedRows(validation_subset(val_rows, settings.val_max_rows))
 
     def train_dataloader(self) -> DataLoader:
@@ -114,6 +126,7 @@ class PackedRowsData(L.LightningDataModule):
             self.trainer.world_size,
             accumulation_steps(self.settings),
             start_step=self.trainer.global_step,  # restored from the checkpoint before the loader is built
+            in_order=self.rows_in_order,
         )
         return StepDataLoader(self.train_rows, batch_sampler=sampler, collate_fn=keep_batch)
 

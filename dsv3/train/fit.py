@@ -65,13 +65,16 @@ def fit(
     initial_weights: dict[str, torch.Tensor] | None = None,
     step_offset: int = 0,
     keep_best: bool = False,
+    rows_in_order: bool = False,
     logger=False,
 ) -> FitResult:
     """Train `config` (or `initial_weights` loaded into it) on packed rows for the settings' steps, resuming from
     `folder/checkpoints/`; rank 0 saves the model with the files of `tokenizer_files` to `save_to`.
 
     seed: the initialisation and the data order. step_offset: added to every recorded step (extension phases).
-    keep_best: also keep checkpoints/best.ckpt at the lowest validation loss. logger: a Lightning logger or False."""
+    keep_best: also keep checkpoints/best.ckpt at the lowest validation loss. rows_in_order: `train_rows` are the
+    run's rows in training order (a data mixture's blend), read as given instead of shuffled per epoch.
+    logger: a Lightning logger or False."""
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")  # we want post-step
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # val/loss is summed over the ranks already
@@ -83,7 +86,7 @@ def fit(
     module = CausalLMTraining(config, settings, plan, token_bytes, step_offset)
     if initial_weights is not None:
         module.model.load_state_dict(initial_weights)
-    data = PackedRowsData(train_rows, val_rows, settings, plan, seed)
+    data = PackedRowsData(train_rows, val_rows, settings, plan, seed, rows_in_order)
     checkpoints = Path(folder) / CHECKPOINTS
     interrupts = InterruptRecorder()
     callbacks = [

@@ -1,0 +1,89 @@
+import random
+import re
+
+import pytest
+
+from dsv3.data.generated import (
+    RETRIEVAL_VALUE_DIGITS,
+    copy_document,
+    corpus_words,
+    generated_documents,
+    math_as_code,
+    math_document,
+    retrieval_document,
+)
+from dsv3.data.math_tasks import arithmetic_problem, problem_split
+
+WORDS = [f"w{chr(97 + i)}{chr(97 + j)}" for i in range(10) for j in range(10)]
+
+
+def test_corpus_words_are_frequent_words_most_frequent_first():
+    texts = ["alpha beta beta gamma gamma gamma x1 " * 3] + [f"zz{chr(97 + i // 26)}{chr(97 + i % 26)} " for i in range(60)] * 3
+    words = corpus_words(texts, count=3, min_count=3)
+    assert words == ["gamma", "beta", "alpha"]
+    with pytest.raises(ValueError, match="need >= 50"):
+        corpus_words(["few words only"])
+
+
+def longest_repeat(items: list[str]) -> int:
+    """Length of the longest run of items that occurs twice (at different places)."""
+    best = 0
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            n = 0
+            while j + n < len(items) and items[i + n] == items[j + n]:
+                n += 1
+            best = max(best, min(n, j - i))
+    return best
+
+
+def test_copy_document_repeats_a_quarter_or_more_of_itself():
+    for seed in range(20):
+        doc = copy_document(random.Random(seed), WORDS, min_items=60, max_items=120)
+        items = re.findall(r"\w+", doc)
+        assert longest_repeat(items) >= len(items) // 4 - 1, doc
+
+
+def test_retrieval_lookups_answer_with_the_stored_value_and_never_five_digits():
+    for seed in range(40):
+        doc = retrieval_document(random.Random(seed), WORDS)
+        stored = dict(re.findall(r"The code of (\w+) is (\w+)\.(?! What)", doc)) or {
+            k: v.strip("'") for k, v in re.findall(r"    '(\w+)': ('?\w+'?),", doc)
+        }
+        assert stored
+        for match in re.finditer(r"What is the code of (\w+)\? The code of \1 is (\w+)\.", doc):
+            assert stored[match.group(1)] == match.group(2)
+        for match in re.finditer(r"\['(\w+)'\] == ('?\w+'?)", doc):
+            assert stored[match.group(1)] == match.group(2).strip("'")
+        assert "What is the code of" in doc or "assert " in doc
+        assert not any(len(v) == 5 and v.isdigit() for v in stored.values())
+    assert 5 not in RETRIEVAL_VALUE_DIGITS
+
+
+def test_math_documents_hold_only_train_problems_and_true_arithmetic():
+    for seed in range(30):
+        doc = math_document(random.Random(seed))
+        assert "\\boxed" not in doc and "<|" not in doc
+        for a, op, b, result in re.findall(r"(-?\d+) ([-+*]|//) \(?(-?\d+)\)? = (-?\d+)", doc):
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "//": int(a) // int(b)}[op]
+            assert value == int(result), doc
+
+
+def test_math_as_code_runs_to_the_answer():
+    rng = random.Random(3)
+    for _ in range(20):
+        canonical, question, solution, answer = arithmetic_problem(rng, 3, 20)
+        if problem_split(canonical) != "train":
+            continue
+        namespace: dict = {}
+        code = math_as_code(canonical, question, solution, answer).replace("print(", "result = (")
+        exec(code, namespace)  # noqa: S102 - our own generated code
+        assert namespace["result"] == answer
+
+
+def test_documents_depend_on_seed_and_index_only():
+    a = generated_documents("copy", 5, 7, WORDS)
+    assert generated_documents("copy", 3, 7, WORDS) == a[:3]
+    assert generated_documents("copy", 5, 8, WORDS) != a
+    with pytest.raises(ValueError, match="unknown generated source"):
+        generated_documents("poetry", 1, 0, WORDS)
