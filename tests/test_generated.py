@@ -25,23 +25,21 @@ def test_corpus_words_are_frequent_words_most_frequent_first():
         corpus_words(["few words only"])
 
 
-def longest_repeat(items: list[str]) -> int:
-    """Length of the longest run of items that occurs twice (at different places)."""
-    best = 0
-    for i in range(len(items)):
-        for j in range(i + 1, len(items)):
-            n = 0
-            while j + n < len(items) and items[i + n] == items[j + n]:
-                n += 1
-            best = max(best, min(n, j - i))
-    return best
-
-
-def test_copy_document_repeats_a_quarter_or_more_of_itself():
+def test_copy_documents_are_spans_written_twice():
+    """Every item of a copy document is a gap item or part of a span whose second copy follows within 16 items."""
     for seed in range(20):
-        doc = copy_document(random.Random(seed), WORDS, min_items=60, max_items=120)
+        rng = random.Random(seed)
+        doc = copy_document(rng, WORDS, min_items=80, max_items=160, span=(6, 40))
         items = re.findall(r"\w+", doc)
-        assert longest_repeat(items) >= len(items) // 4 - 1, doc
+        assert 80 <= len(items) < 160 + 8 + 16 + 2 * 40
+        seen: dict[tuple, int] = {}
+        covered: set[int] = set()
+        for i in range(len(items) - 5):
+            gram = tuple(items[i : i + 6])
+            if gram in seen and i - seen[gram] <= 56:  # a span (<= 40) plus the gap b (<= 16) back
+                covered.update(range(i, i + 6))
+            seen.setdefault(gram, i)
+        assert len(covered) >= 0.2 * len(items), doc  # second copies: ~40% of the items on average
 
 
 def test_retrieval_lookups_answer_with_the_stored_value_and_never_five_digits():

@@ -6,9 +6,9 @@ SFT's answers copy the question's numbers, MTP drafts are cheap exactly where te
 share of math and code in its corpus for the same reason (report §4.1). Three sources, all text (the tokenizer
 trains on them too), all from a seed:
 
-* "copy": runs of the corpus' own words and numbers with one span written twice, `… x … x …` at random places
-  (Olsson et al. 2022): only looking back at a token's earlier occurrence and copying what followed predicts the
-  second x;
+* "copy": the corpus' own words and numbers in copy episodes `a x b x` — a random span x written twice with random
+  gaps (Olsson et al. 2022): only looking back at a token's earlier occurrence and copying what followed predicts
+  the second x;
 * "retrieval": key–value records (a Python dict, or sentences "The code of K is V.") among filler, then lookups of
   some keys at the end; values are numbers of 3, 4 or 6 digits or words — never 5 digits, so no passkey of the
   evaluation (dsv3.eval.passkey, 5 digits) can occur;
@@ -60,17 +60,19 @@ def joined(rng: random.Random, items: list[str]) -> str:
     return "".join(out[:-1])
 
 
-def copy_document(rng: random.Random, words: list[str], min_items: int = 60, max_items: int = 120) -> str:
-    """`a x b x c`: random words and numbers with one span x (a quarter to under half of the document) written
-    twice, the gaps a, b, c of random length."""
-    total = rng.randint(min_items, max_items)
-    n = rng.randint(total // 4, (total - 1) // 2)
-    span = joined(rng, [token_like(rng, words) for _ in range(n)])
-    free = total - 2 * n
-    cuts = sorted(rng.randint(0, free) for _ in range(2))
-    gaps = [cuts[0], cuts[1] - cuts[0], free - cuts[1]]
-    parts = [joined(rng, [token_like(rng, words) for _ in range(gap)]) for gap in gaps]
-    return "\n".join(p for p in (parts[0], span, parts[1], span, parts[2]) if p)
+def copy_document(rng: random.Random, words: list[str], min_items: int = 80, max_items: int = 160, span: tuple[int, int] = (6, 40)) -> str:
+    """Copy episodes `a x b x` until min_items..max_items words and numbers: each a span x of span[0]..span[1]
+    random items written twice, the same text both times, after a gap a of 0..8 items and with a gap b of 0..16
+    between the copies. Short look-back distances (~10-100 tokens) keep most copies within one packed row."""
+    target, count, pieces = rng.randint(min_items, max_items), 0, []
+    while count < target:
+        x = [token_like(rng, words) for _ in range(rng.randint(*span))]
+        a = [token_like(rng, words) for _ in range(rng.randint(0, 8))]
+        b = [token_like(rng, words) for _ in range(rng.randint(0, 16))]
+        text = joined(rng, x)
+        pieces += [joined(rng, a), text, joined(rng, b), text]
+        count += len(a) + len(b) + 2 * len(x)
+    return joined(rng, [p for p in pieces if p])
 
 
 def retrieval_value(rng: random.Random, words: list[str]) -> str:
