@@ -171,6 +171,10 @@ class PretrainSection(Section):
         1, ge=1, description="ranks the routed experts of every MoE layer are split over (strategy fsdp)"
     )
     num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
+    max_restarts: int = Field(
+        0, ge=0, description="torchrun --max-restarts: a job whose rank died is restarted this often, every rank "
+        "resuming from the last checkpoint (devices × num_nodes > 1)"
+    )
     val_every_n_steps: int = Field(100, gt=0, description="validation (and best checkpoint) interval")
     val_max_rows: int | None = Field(None, gt=0, description="cap on validation sequences (null = all)")
     checkpoint_every_n_steps: int = Field(50, gt=0, description="interval of the `last` checkpoint")
@@ -500,7 +504,9 @@ class Recipe(Section):
 # to float reassociation): out of stage keys and variant names, so a stage stopped on 2 processes resumes on 1
 # through `dsv3 run` and the other way round. extend's phases are matched by their micro_batch_size alone.
 HARDWARE = {
-    "pretrain": ("devices", "num_nodes", "strategy", "expert_parallel", "compile", "micro_batch_size", "accelerator"),
+    "pretrain": (
+        "devices", "num_nodes", "strategy", "expert_parallel", "compile", "micro_batch_size", "accelerator", "max_restarts"
+    ),
     "extend": ("micro_batch_size",),
 }
 
