@@ -200,6 +200,10 @@ class PretrainSection(Section):
         1, ge=1, description="ranks the routed experts of every MoE layer are split over (strategy fsdp)"
     )
     num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
+    max_restarts: int = Field(
+        0, ge=0, description="torchrun --max-restarts: a job whose rank died is restarted this often, every rank "
+        "resuming from the last checkpoint (devices × num_nodes > 1)"
+    )
     val_every_n_steps: int = Field(100, gt=0, description="validation (and best checkpoint) interval")
     val_max_rows: int | None = Field(None, gt=0, description="cap on validation sequences (null = all)")
     checkpoint_every_n_steps: int = Field(50, gt=0, description="interval of the `last` checkpoint")
@@ -519,9 +523,36 @@ class Recipe(Section):
         return self
 
     def section_hash(self, *names: str) -> str:
-        """sha256 over the named sections (and the seed), the key a stage's manifest is matched on."""
-        payload = {"seed": self.seed, **{n: _dump(getattr(self, n)) for n in names}}
+        """sha256 over the named sections (and the seed) less their HARDWARE settings: the key a stage's manifest
+        is matched on."""
+        payload = {"seed": self.seed, **{n: without_hardware(n, _dump(getattr(self, n))) for n in names}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# Settings that decide where and how a run computes, not what it computes (the same global batch, the same loss up
+# to float reassociation): out of stage keys and variant names, so a stage stopped on 2 processes resumes on 1
+# through `dsv3 run` and the other way round. extend's phases are matched by their micro_batch_size alone.
+HARDWARE = {
+    "pretrain": (
+        "devices", "num_nodes", "strategy", "expert_parallel", "compile", "micro_batch_size", "accelerator", "max_restarts"
+    ),
+    "extend": ("micro_batch_size",),
+}
+
+
+def is_hardware(key: str) -> bool:
+    """True for a dotted recipe key of a HARDWARE setting (`pretrain.devices`, `extend.phases.0.micro_batch_size`)."""
+    parts = key.split(".")
+    return len(parts) > 1 and parts[-1] in HARDWARE.get(parts[0], ())
+
+
+def without_hardware(name: str, dumped: Any) -> Any:
+    """A section's dump (model_dump) less its HARDWARE settings, at any depth (extend's phases)."""
+    if isinstance(dumped, dict):
+        return {k: without_hardware(name, v) for k, v in dumped.items() if k not in HARDWARE.get(name, ())}
+    if isinstance(dumped, list):
+        return [without_hardware(name, v) for v in dumped]
+    return dumped
 
 
 def _dump(section: Any) -> Any:

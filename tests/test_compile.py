@@ -143,19 +143,23 @@ def test_smoke_pretraining_compiled_matches_eager_and_resumes(runs_dir, blocks, 
     def recipe(*overrides):  # one validation, at the end (no mid-run no_grad pass to compile as well)
         r = load_recipe(RECIPES / "smoke.yaml", ["name=smoke-compile", "pretrain.val_every_n_steps=100", *overrides])
         run_stage("tokenizer", r, runs_dir)
+        run_stage("tokenizer", r, compiled_runs)
         return r
+
+    compiled_runs = runs_dir.parent / "compiled-runs"  # compile is hardware-only (not in the key): its own folder
 
     assert SMOKE.pretrain.compile is False  # eager is the default
     before = graphs_and_frames()
     eager = run_stage("pretrain", recipe(), runs_dir).manifest.metrics
     assert graphs_and_frames() == before
     compiled = recipe("pretrain.compile=true")
+    assert run_stage("pretrain", compiled, runs_dir).action == "skipped"  # the eager run's stage, by its key
     real = module.learning_rate
     monkeypatch.setattr(module, "learning_rate", lambda tokens, total, s: float("nan") if tokens >= 6 * 8 * 64 else real(tokens, total, s))
     with pytest.raises(TrainingDiverged, match="at step 7"):
-        run_stage("pretrain", compiled, runs_dir)
+        run_stage("pretrain", compiled, compiled_runs)
     monkeypatch.setattr(module, "learning_rate", real)
-    resumed = run_stage("pretrain", compiled, runs_dir)
+    resumed = run_stage("pretrain", compiled, compiled_runs)
     assert resumed.action == "resumed" and resumed.manifest.metrics["resumed_from_step"] == 4
     got = resumed.manifest.metrics
     assert got["steps"] == eager["steps"] == 16

@@ -1,12 +1,26 @@
 """dsv3.train.launch: the torchrun command lines — one node standalone; several nodes meet at MASTER_ADDR:MASTER_PORT,
-each with its own rank, and the first node prints the command the others run."""
+each with its own rank, and the first node prints the command the others run; pretrain.max_restarts: a rank killed
+mid-run (2 FSDP ranks over gloo) is restarted by torchrun and resumes from the last sharded checkpoint to the loss
+of an uninterrupted run."""
 
+import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from dsv3.config import load_recipe
 from dsv3.errors import InputError
-from dsv3.train.launch import PRETRAIN_ENTRY, torchrun_command
+from dsv3.stages.pretrain import RESULT, train_rank
+from dsv3.stages.runner import run_stage
+from dsv3.train.checkpoints import LAST
+from dsv3.train.launch import PRETRAIN_ENTRY, launch_torchrun, torchrun_command
+from dsv3.train.sharded import is_sharded, sharded_step
+from tests.conftest import RECIPES
 
 FILES = dict(recipe_file=Path("r.yaml"), workdir=Path("w"), inputs={"tokenizer": Path("t")}, failure_file=Path("f"))
 
@@ -32,3 +46,51 @@ def test_several_nodes_without_a_master_is_one_line_naming_what_is_missing(monke
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(InputError, match="pretrain.num_nodes=2 needs MASTER_ADDR, MASTER_PORT, NODE_RANK"):
         torchrun_command(8, 2, PRETRAIN_ENTRY, **FILES)
+
+
+def test_max_restarts_is_passed_to_torchrun():
+    assert "--max-restarts=3" in torchrun_command(2, 1, PRETRAIN_ENTRY, **FILES, max_restarts=3)
+    assert not any(a.startswith("--max-restarts") for a in torchrun_command(2, 1, PRETRAIN_ENTRY, **FILES))
+
+
+RESTART_TOLERANCE = 1e-5  # 2 FSDP ranks, restarted, vs one process: float reassociation only (as test_strategy.py)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes_from_the_last_sharded_checkpoint(tmp_path):
+    short = ["name=smoke-restart", "pretrain.steps=8", "pretrain.checkpoint_every_n_steps=2", "pretrain.val_every_n_steps=4",
+             "pretrain.accelerator=cpu"]  # fmt: skip
+    recipe = load_recipe(RECIPES / "smoke.yaml", short)
+    inputs = {"tokenizer": run_stage("tokenizer", recipe, tmp_path / "runs").workdir}
+    train_rank(recipe, tmp_path / "one", inputs)
+    one = json.loads((tmp_path / "one" / RESULT).read_text())["history"]
+
+    sharded = load_recipe(RECIPES / "smoke.yaml", [*short, "pretrain.devices=2", "pretrain.strategy=fsdp",
+                                                   "pretrain.expert_parallel=2", "pretrain.max_restarts=1"])  # fmt: skip
+    folder, failed = tmp_path / "two", []
+    folder.mkdir()
+    job = threading.Thread(target=lambda: failed.extend(_raised(launch_torchrun, sharded, folder, inputs, 2, 1)))
+    job.start()
+    last, deadline = folder / "checkpoints" / LAST, time.time() + 240
+    while not is_sharded(last) and job.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process().children(recursive=True)
+             if "dsv3.train.launch" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]  # not the agent
+    assert len(ranks) == 2 and is_sharded(last)
+    os.kill(ranks[-1].pid, signal.SIGKILL)  # one rank dies mid-run; torchrun restarts the job
+    job.join(timeout=300)
+    assert not job.is_alive() and not failed, failed
+    result = json.loads((folder / RESULT).read_text())
+    assert 0 < result["resumed_from_step"] < 8 and sharded_step(last) == 8
+    two = result["history"]
+    for key in ("train/ce", "val/loss"):
+        mine, theirs = ([row[key] for row in h if key in row][-1] for h in (two, one))
+        assert mine == pytest.approx(theirs, abs=RESTART_TOLERANCE), key
+
+
+def _raised(function, *args) -> list[BaseException]:
+    try:
+        function(*args)
+    except BaseException as error:  # noqa: BLE001 - reported by the test
+        return [error]
+    return []

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dsv3.cli import main
-from dsv3.config import load_recipe
+from dsv3.config import load_recipe, without_hardware
 from dsv3.errors import InputError
 from dsv3.stages.runner import run_stage
 from dsv3.stages.runs import (
@@ -65,3 +65,14 @@ def test_two_variants_share_the_stage_they_agree_on_and_keep_the_rest(runs_dir, 
     assert "| tokenizer | bytes_per_token_validation |" in table
     html = next((runs_dir / "compare").glob("*.html")).read_text()
     assert "<table>" in html and "vocab_size" in html
+
+
+def test_hardware_only_settings_make_neither_a_variant_nor_a_stage_key():
+    base = load_recipe(SMOKE)
+    on_two = load_recipe(SMOKE, ["pretrain.devices=2", "pretrain.strategy=fsdp", "pretrain.expert_parallel=2",
+                                 "pretrain.micro_batch_size=2", "pretrain.compile=true"])  # fmt: skip
+    assert variant_name(on_two) == variant_name(base)
+    assert on_two.section_hash("data", "model", "pretrain", "extend") == base.section_hash("data", "model", "pretrain", "extend")
+    assert without_hardware("extend", {"phases": [{"seq_len": 128, "micro_batch_size": 2}]}) == {"phases": [{"seq_len": 128}]}
+    tuned = load_recipe(SMOKE, ["pretrain.devices=2", "pretrain.lr_peak=1e-3"])
+    assert variant_name(tuned).startswith("lr_peak=1e-3-") and tuned.section_hash("pretrain") != base.section_hash("pretrain")

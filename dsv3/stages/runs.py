@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv3.config import STAGE_ORDER, Recipe, flatten
+from dsv3.config import STAGE_ORDER, Recipe, flatten, is_hardware, without_hardware
 from dsv3.errors import InputError
 from dsv3.io import write_json_atomic
 from dsv3.stages.manifest import Manifest, read_manifest
@@ -35,17 +35,20 @@ STORE, LATEST, RUN_INFO, CACHE = "stages", "latest", "run.json", "cache"
 
 
 def recipe_digest(recipe: Recipe) -> str:
-    """Six hex digits of sha256 over everything the recipe resolves to (its name and variant label aside)."""
+    """Six hex digits of sha256 over everything the recipe resolves to (its name and variant label aside, and its
+    HARDWARE settings: devices, strategy, ... do not make another variant)."""
     payload = recipe.model_dump(mode="json", exclude={"name", "variant", "overrides"})
+    payload = {name: without_hardware(name, section) for name, section in payload.items()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def variant_name(recipe: Recipe) -> str:
-    """`recipe.variant` (set by --name), else the overrides as a short label plus the recipe digest."""
+    """`recipe.variant` (set by --name), else the overrides as a short label plus the recipe digest (overrides of
+    HARDWARE settings left out: a run resumed on another number of processes is the same variant)."""
     if recipe.variant:
         return recipe.variant
     labels = [re.sub(r"[^A-Za-z0-9_.=-]+", "_", item.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + item.split("=", 1)[-1])
-              for item in recipe.overrides]  # fmt: skip
+              for item in recipe.overrides if not is_hardware(item.split("=", 1)[0].strip())]  # fmt: skip
     label = "+".join(labels)[:40].strip("+_") or "base"
     return f"{label}-{recipe_digest(recipe)}"
 

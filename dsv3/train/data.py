@@ -7,6 +7,8 @@ exactly the rows an uninterrupted run would, on any number of ranks.
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import lightning as L
 import numpy as np
@@ -32,6 +34,29 @@ class PackedRows(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.rows[indices]
         return {key: torch.from_numpy(np.asarray(batch[key], dtype=np.int64)) for key in ("input_ids", "position_ids")}
+
+
+class ValidationRows(PackedRows):
+    """PackedRows whose batches may be padding: a batch of index -1 is row 0 marked `padding` (a forward pass
+    that keeps this rank's collectives in step with the others' and counts for nothing)."""
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        padding = indices == [PADDING]
+        batch = super().__getitems__([0] if padding else indices)
+        return batch | {"padding": torch.tensor(padding)}
+
+
+PADDING = -1
+
+
+def validation_batches(n_rows: int, micro_batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Rank `rank`'s validation batches: rows r, r + world, ... in micro-batches, then padding batches ([PADDING])
+    up to the batch count of the rank with the most rows. Every rank runs the same number of forward passes — FSDP
+    all-gathers and expert-parallel all-to-alls wait for all ranks — and every row is counted exactly once."""
+    mine = list(range(rank, n_rows, world))
+    batches = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    most = math.ceil(math.ceil(n_rows / world) / micro_batch_size)
+    return batches + [[PADDING]] * (most - len(batches))
 
 
 def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,7 +126,8 @@ class StepDataLoader(DataLoader):
 
 
 class PackedRowsData(L.LightningDataModule):
-    """Training rows through a StepSampler; validation rows split over ranks (rank r takes r::world)."""
+    """Training rows through a StepSampler; validation rows split over ranks (rank r takes r::world, padded to the
+    same number of batches on every rank: `validation_batches`)."""
 
     def __init__(
         self,
@@ -115,7 +141,7 @@ class PackedRowsData(L.LightningDataModule):
         super().__init__()
         self.train_rows, self.settings, self.plan, self.seed = PackedRows(train_rows), settings, plan, seed
         self.rows_in_order = rows_in_order
-        self.val_rows = PackedRows(validation_subset(val_rows, settings.val_max_rows))
+        self.val_rows = ValidationRows(validation_subset(val_rows, settings.val_max_rows))
 
     def train_dataloader(self) -> DataLoader:
         sampler = StepSampler(
@@ -131,6 +157,5 @@ class PackedRowsData(L.LightningDataModule):
         return StepDataLoader(self.train_rows, batch_sampler=sampler, collate_fn=keep_batch)
 
     def val_dataloader(self) -> DataLoader:
-        mine = list(range(self.trainer.global_rank, len(self.val_rows), self.trainer.world_size))
-        size = self.settings.micro_batch_size
-        return DataLoader(self.val_rows, batch_sampler=[mine[i : i + size] for i in range(0, len(mine), size)], collate_fn=keep_batch)
+        batches = validation_batches(len(self.val_rows), self.settings.micro_batch_size, self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(self.val_rows, batch_sampler=batches, collate_fn=keep_batch)

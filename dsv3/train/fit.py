@@ -29,6 +29,7 @@ from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.hf import save_model_folder
 from dsv3.train.checkpoints import AtomicCheckpointIO, resume_point
 from dsv3.train.data import PackedRowsData
+from dsv3.train.launch import join_attempt_process_group
 from dsv3.train.module import CausalLMTraining
 from dsv3.train.schedules import step_plan
 from dsv3.train.settings import LoopSettings
@@ -98,6 +99,7 @@ def fit(
         callbacks.append(
             ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False)
         )
+    join_attempt_process_group("gloo" if accelerator(settings) == "cpu" else "nccl")  # a torchrun restart's own
     trainer = build_trainer(settings, folder, plan.steps, module.accumulation, callbacks, logger)
     last, resumed_from = resume_point(checkpoints)
     with deterministic_algorithms(settings.deterministic), interrupts.raised():

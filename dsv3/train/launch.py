@@ -6,6 +6,8 @@ A stage calls `launch_torchrun` when devices × num_nodes > 1; every rank then r
 FUNCTION(recipe, workdir, inputs) (the pretrain stage's `train_rank`, the extend stage's `train_phases`) and exits.
 A rank that fails for a known reason (a diverged loss, bad input, a full disk, Ctrl-C) writes it to the failure
 file and exits 1 without a traceback; the stage raises it again. A rank dies with its torchrun agent.
+With pretrain.max_restarts = N, torchrun restarts the whole job up to N times when a rank dies (a lost process, a
+killed node): every rank then resumes from the last checkpoint, without a human.
 On a cluster, `make pretrain` on the first node prints the torchrun command every other node runs (the same
 recipe file, stage folder and inputs on a shared runs folder; MASTER_ADDR, MASTER_PORT and NODE_RANK set).
 """
@@ -24,6 +26,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch.distributed as dist
 import yaml
 
 from dsv3.config import Recipe, load_recipe
@@ -40,6 +43,18 @@ def inside_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def join_attempt_process_group(backend: str) -> None:
+    """Under torchrun with several ranks, the default process group in a store namespace of its own per restart
+    attempt (TORCHELASTIC_RESTART_COUNT): torchrun's store outlives a restart, and a restarted job that read the
+    dead attempt's addresses would never connect. Lightning then finds the group initialised and uses it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not inside_torchrun() or world < 2 or dist.is_initialized():
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dsv3/attempt-{attempt}", store), rank=rank, world_size=world)
+
+
 def torchrun_command(
     devices: int,
     num_nodes: int,
@@ -49,10 +64,13 @@ def torchrun_command(
     inputs: dict[str, Path],
     failure_file: Path,
     node_rank: str | None = None,
+    max_restarts: int = 0,
 ) -> list[str]:
     """The torchrun command line for a node (this one: node_rank None, read from NODE_RANK): standalone on one node,
-    c10d rendezvous at MASTER_ADDR:MASTER_PORT across several."""
+    c10d rendezvous at MASTER_ADDR:MASTER_PORT across several; the job restarted up to max_restarts times."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={devices}"]
+    if max_restarts:
+        command.append(f"--max-restarts={max_restarts}")
     if num_nodes == 1:
         command += ["--standalone", "--nnodes=1"]
     else:
@@ -74,14 +92,18 @@ def torchrun_command(
 def launch_torchrun(
     recipe: Recipe, workdir: Path, inputs: dict[str, Path], devices: int, num_nodes: int, entry: str = PRETRAIN_ENTRY
 ) -> None:
-    """Run `entry` on devices × num_nodes ranks with torchrun in a subprocess; the resolved recipe is written to
-    workdir/recipe.yaml for the ranks. A rank's known failure is raised again here as the same kind of error."""
+    """Run `entry` on devices × num_nodes ranks with torchrun in a subprocess (restarted up to
+    recipe.pretrain.max_restarts times); the resolved recipe is written to workdir/recipe.yaml for the ranks. A
+    rank's known failure is raised again here as the same kind of error."""
     recipe_file, failure_file = workdir / RECIPE_FILE, workdir / FAILURE_FILE
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     failure_file.unlink(missing_ok=True)
-    command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file)
+    restarts = recipe.pretrain.max_restarts if recipe.pretrain else 0
+    command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file, max_restarts=restarts)
     if num_nodes > 1:
-        other = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file, "$NODE_RANK")
+        other = torchrun_command(
+            devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file, "$NODE_RANK", max_restarts=restarts
+        )
         line = " ".join(arg if "$NODE_RANK" in arg else shlex.quote(arg) for arg in other)
         print(f"dsv3: on every other node, with NODE_RANK set to its rank (1..{num_nodes - 1}), run: {line}", file=sys.stderr)
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

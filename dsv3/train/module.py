@@ -215,8 +215,11 @@ class CausalLMTraining(L.LightningModule):
         self._val: dict[str, torch.Tensor] = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Sums of this batch's losses, targets, bytes and expert load; a padding batch (dsv3.train.data) runs the
+        forward pass with the other ranks and adds zeros (so a rank of padding alone still joins the final reduce)."""
         ids = batch["input_ids"]
         out = self.forward_losses(batch)
+        counted = 0.0 if bool(batch.get("padding", False)) else 1.0
         B, T = ids.shape
         n_targets = B * (T - 1)
         sums = {
@@ -228,6 +231,7 @@ class CausalLMTraining(L.LightningModule):
             "load": torch.stack([gate.expert_load for gate in self.model.moe_gates()]).double(),  # (G, E)
         }
         for key, value in sums.items():
+            value = value * counted
             self._val[key] = self._val[key] + value if key in self._val else value
 
     def on_validation_epoch_end(self) -> None:

@@ -1,7 +1,7 @@
 """The strategy of FSDP2 runs: Lightning's ModelParallelStrategy (it calls `configure_model`, where the module applies
 dsv3.train.parallel) with the loop's checkpoint rules (dsv3.train.checkpoints) for sharded folders: every rank writes
 its shards to `<name>.partial/`, rank 0 adds meta.pt and puts the folder in place (last.ckpt's predecessor becomes
-previous.ckpt), and loading reads DCP's index without running pickled code (dsv3.train.sharded).
+previous.ckpt), and loading reads every byte of it without running pickled code (dsv3.train.sharded).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dsv3.train.checkpoints import put_in_place, remove
-from dsv3.train.sharded import META, SafeFileSystemReader, by_name, is_sharded, read_meta
+from dsv3.train.sharded import META, SafeFileSystemReader, SafeLoadPlanner, by_name, is_sharded, read_meta
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -53,12 +53,12 @@ class ShardedStrategy(ModelParallelStrategy):
         if not is_sharded(path):
             return self.load_one_file(path)
         model_state = {"state_dict": get_model_state_dict(self.model)}
-        dcp.load(model_state, storage_reader=SafeFileSystemReader(str(path)))
+        dcp.load(model_state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
         set_model_state_dict(self.model, model_state["state_dict"], options=StateDictOptions(strict=self.lightning_module.strict_loading))
         for i, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{i}"
             optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
-            dcp.load(optim_state, storage_reader=SafeFileSystemReader(str(path)))
+            dcp.load(optim_state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key], options=StateDictOptions())
         return read_meta(path)
 
