@@ -13,6 +13,7 @@ from dsv3.data.generated import (
     retrieval_document,
 )
 from dsv3.data.math_tasks import arithmetic_problem, problem_split
+from dsv3.data.passkeys import key_split
 
 WORDS = [f"w{chr(97 + i)}{chr(97 + j)}" for i in range(10) for j in range(10)]
 
@@ -45,6 +46,10 @@ def test_copy_documents_are_spans_written_twice():
 def test_retrieval_lookups_answer_with_the_stored_value_and_never_five_digits():
     for seed in range(40):
         doc = retrieval_document(random.Random(seed), WORDS)
+        if "pass key" in doc:
+            (key,) = set(re.findall(r"pass key is (\d+)", doc))
+            assert key_split(key) == "train" and doc.endswith(f"The pass key is {key}.\n")
+            continue
         stored = dict(re.findall(r"The code of (\w+) is (\w+)\.(?! What)", doc)) or {
             k: v.strip("'") for k, v in re.findall(r"    '(\w+)': ('?\w+'?),", doc)
         }

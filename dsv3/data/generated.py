@@ -10,8 +10,8 @@ trains on them too), all from a seed:
   gaps (Olsson et al. 2022): only looking back at a token's earlier occurrence and copying what followed predicts
   the second x;
 * "retrieval": key–value records (a Python dict, or sentences "The code of K is V.") among filler, then lookups of
-  some keys at the end; values are numbers of 3, 4 or 6 digits or words — never 5 digits, so no passkey of the
-  evaluation (dsv3.eval.passkey, 5 digits) can occur;
+  some keys at the end (values: numbers of 3, 4 or 6 digits, or words); and, one document in four, the passkey
+  task's own needle and question (dsv3.data.passkeys) with a "train" key — the evaluation's keys are the other half;
 * "math": worked arithmetic word problems and linear equations, as prose ("So the answer is N.") and as Python
   with comments — never in the chat template and never with \\boxed{}, so SFT still has the format to teach. Only
   "train" problems (dsv3.data.math_tasks.problem_split) are written: no held-out problem is ever seen.
@@ -27,9 +27,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from dsv3.data.math_tasks import ITEMS, arithmetic_problem, linear_problem, problem_split
+from dsv3.data.passkeys import NEEDLE, QUESTION, draw_key
 
 WORD = re.compile(r"\b[A-Za-z][a-z]{2,11}\b")
-RETRIEVAL_VALUE_DIGITS = (3, 4, 6)  # never 5: the passkeys of the evaluation have 5 digits
+RETRIEVAL_VALUE_DIGITS = (3, 4, 6)  # 5-digit numbers only as passkeys, from the "train" half of the key space
 
 
 def corpus_words(texts: Iterable[str], count: int = 2000, min_count: int = 3) -> list[str]:
@@ -47,8 +48,9 @@ def number(rng: random.Random, digits: int) -> str:
 
 
 def token_like(rng: random.Random, words: list[str]) -> str:
-    """A word of the corpus, or (one time in six) a number of 1-5 digits."""
-    return number(rng, rng.randint(1, 5)) if rng.random() < 1 / 6 else rng.choice(words)
+    """A word of the corpus, or (one time in ten) a number of 1-5 digits (digits are single tokens: more would make
+    most of a copy span digits, each seen many times in a row, which gives a look-back nothing unique to match)."""
+    return number(rng, rng.randint(1, 5)) if rng.random() < 0.1 else rng.choice(words)
 
 
 def joined(rng: random.Random, items: list[str]) -> str:
@@ -79,9 +81,22 @@ def retrieval_value(rng: random.Random, words: list[str]) -> str:
     return number(rng, rng.choice(RETRIEVAL_VALUE_DIGITS)) if rng.random() < 0.7 else rng.choice(words)
 
 
-def retrieval_document(rng: random.Random, words: list[str], pairs: tuple[int, int] = (3, 6), filler: tuple[int, int] = (10, 60)) -> str:
+def filler(rng: random.Random, words: list[str], low: int, high: int) -> str:
+    return joined(rng, [rng.choice(words) for _ in range(rng.randint(low, high))])
+
+
+def passkey_document(rng: random.Random, words: list[str], digits: int = 5) -> str:
+    """The passkey task's own needle and question (dsv3.data.passkeys) around filler, with a "train" key: the
+    evaluation's held-out keys never occur."""
+    key = draw_key(rng, digits, "train")
+    return filler(rng, words, 5, 60) + NEEDLE.format(key=key) + filler(rng, words, 5, 80) + QUESTION + key + ".\n"
+
+
+def retrieval_document(rng: random.Random, words: list[str], pairs: tuple[int, int] = (3, 6), gap: tuple[int, int] = (10, 60)) -> str:
     """Key–value records among filler, then lookups of some of them (each key once, values as stored): as a
-    Python dict with asserts, or as sentences with questions."""
+    Python dict with asserts, as sentences with questions, or (one time in four) as a passkey document."""
+    if rng.random() < 0.25:
+        return passkey_document(rng, words)
     n = rng.randint(*pairs)
     keys: list[str] = []
     while len(keys) < n:
@@ -90,8 +105,7 @@ def retrieval_document(rng: random.Random, words: list[str], pairs: tuple[int, i
             keys.append(key)
     values = [retrieval_value(rng, words) for _ in keys]
     asked = rng.sample(range(n), rng.randint(1, min(3, n)))
-    before = joined(rng, [rng.choice(words) for _ in range(rng.randint(0, filler[1] // 3))])
-    after = joined(rng, [rng.choice(words) for _ in range(rng.randint(*filler))])
+    before, after = filler(rng, words, 0, gap[1] // 3), filler(rng, words, *gap)
     if rng.random() < 0.5:
         name = rng.choice(words).lower()
         quoted = [v if v.isdigit() else repr(v) for v in values]

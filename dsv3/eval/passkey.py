@@ -25,26 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3.data.corpus import hash_fraction
-
-NEEDLE = "\n# The pass key is {key}. Remember it.\n"
-QUESTION = "\n# What is the pass key? The pass key is "
-SPLITS = ("train", "heldout")
-
-
-def key_split(key: str) -> str:
-    """Which half of the key space `key` is in: "heldout" (evaluation) or "train"."""
-    return "heldout" if hash_fraction(f"passkey:{key}") < 0.5 else "train"
-
-
-def draw_key(rng: random.Random, digits: int, split: str) -> str:
-    """A uniformly random key of `digits` digits (leading zeros allowed) from the `split` half of the key space."""
-    if split not in SPLITS:
-        raise ValueError(f"passkey split {split!r} is unknown; use one of {', '.join(SPLITS)}")
-    while True:
-        key = "".join(rng.choice("0123456789") for _ in range(digits))
-        if key_split(key) == split:
-            return key
+from dsv3.data.passkeys import NEEDLE, QUESTION, SPLITS, draw_key, key_split  # noqa: F401 - the task's text and keys
 
 
 @dataclass(frozen=True)
