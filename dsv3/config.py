@@ -422,15 +422,27 @@ class PretrainChecks(Section):
     max_val_loss_ratio: float = Field(
         1.0, gt=0, description="final validation loss ÷ the unigram baseline's: below 1 = learned more than counts"
     )
+    min_induction_gain: float | None = Field(
+        None, description="nats: first- minus second-copy loss of repeated random tokens (null = not checked)"
+    )
+    min_mtp_acceptance: float | None = Field(
+        None, ge=0, le=1, description="share of MTP drafts accepted in greedy speculative decoding (null = not checked)"
+    )
 
 
 class ExtendChecks(Section):
     max_ppl_increase: float = Field(
         0.25, ge=0, description="relative perplexity change at the pretraining length, after vs before extension"
     )
+    min_passkey_accuracy_4x: float | None = Field(
+        None, ge=0, le=1, description="passkey accuracy after extension at 4x the pretraining length (null = not checked)"
+    )
 
 
 class SftChecks(Section):
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="held-out greedy accuracy (null = not checked)"
+    )
     min_format_rate: float = Field(0.5, ge=0, le=1, description="held-out answers ending in one \\boxed{}")
     max_truncated_rate: float = Field(
         0.5, ge=0, le=1, description="held-out answers that used the whole generation budget"

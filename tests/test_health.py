@@ -50,3 +50,18 @@ def test_each_stage_checks_its_own_metric():
     assert not verdicts("reward", {"heldout_pair_accuracy": 0.5})["checks.reward.min_pair_accuracy"]
     assert not verdicts("rl", {"rollout_truncated_rate": 1.0})["checks.rl.max_truncated_rate"]
     assert verdicts("rl", {"rollout_truncated_rate": 0.2})["checks.rl.max_truncated_rate"]
+
+
+def test_capability_checks_are_judged_when_the_recipe_sets_them_and_left_out_when_null():
+    metrics = {"final_val_loss": 4.0, "unigram_val_loss": 6.3, "induction_gain": 0.01, "mtp_acceptance": 0.7}
+    unset = load_recipe(RECIPES / "tiny.yaml", ["checks.pretrain.min_induction_gain=null", "checks.pretrain.min_mtp_acceptance=null"])
+    assert set(verdicts("pretrain", metrics, unset.checks)) == {"pretrain.nonfinite_losses", "checks.pretrain.max_val_loss_ratio"}
+    strict = load_recipe(RECIPES / "tiny.yaml", ["checks.pretrain.min_induction_gain=1.0", "checks.pretrain.min_mtp_acceptance=0.5"])
+    judged = verdicts("pretrain", metrics, strict.checks)
+    assert judged["checks.pretrain.min_induction_gain"] is False and judged["checks.pretrain.min_mtp_acceptance"] is True
+    sft = load_recipe(RECIPES / "tiny.yaml", ["checks.sft.min_accuracy=0.2"]).checks
+    assert verdicts("sft", {"heldout_accuracy": 0.1, "heldout_format_rate": 1.0, "heldout_truncated_rate": 0.0}, sft)[
+        "checks.sft.min_accuracy"
+    ] is False
+    extend = load_recipe(RECIPES / "tiny.yaml", ["checks.extend.min_passkey_accuracy_4x=0.8"]).checks
+    assert verdicts("extend", {"passkey_accuracy_after_4x": 0.9}, extend)["checks.extend.min_passkey_accuracy_4x"] is True

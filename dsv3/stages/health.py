@@ -6,13 +6,18 @@ it logged). Then per stage, thresholds from the recipe's `checks:` section — a
 
     tokenizer  min_bytes_per_token   bytes per token on held-out text
     pretrain   max_val_loss_ratio    final validation loss ÷ the unigram baseline's loss
+               min_induction_gain    first- minus second-copy loss of repeated random tokens (nats)
+               min_mtp_acceptance    MTP drafts accepted in greedy speculative decoding on held-out text
     extend     max_ppl_increase      perplexity at the pretraining length, after ÷ before − 1
-    sft        min_format_rate       held-out answers that end in one \\boxed{}
+               min_passkey_accuracy_4x  passkey accuracy after extension at 4x the pretraining length
+    sft        min_accuracy          held-out greedy accuracy
+               min_format_rate       held-out answers that end in one \\boxed{}
                max_truncated_rate    held-out answers that used the whole generation budget
     reward     min_pair_accuracy     held-out preference pairs ranked right
     rl         max_truncated_rate    GRPO rollouts that used the whole completion budget (mean over the run)
 
-A metric the stage did not report (e.g. no perplexity at the pretraining length) leaves its check out.
+A metric the stage did not report (e.g. no perplexity at the pretraining length), or a threshold the recipe leaves
+null, leaves its check out.
 """
 
 from __future__ import annotations
@@ -59,9 +64,17 @@ def metric(name: str) -> Callable[[dict], float | None]:
 # checks.<stage>.<field> -> how its value is measured from the stage's metrics
 MEASURES: dict[str, dict[str, Callable[[dict], float | None]]] = {
     "tokenizer": {"min_bytes_per_token": metric("bytes_per_token_validation")},
-    "pretrain": {"max_val_loss_ratio": ratio("final_val_loss", "unigram_val_loss")},
-    "extend": {"max_ppl_increase": metric("ppl_change_at_original_length")},
+    "pretrain": {
+        "max_val_loss_ratio": ratio("final_val_loss", "unigram_val_loss"),
+        "min_induction_gain": metric("induction_gain"),
+        "min_mtp_acceptance": metric("mtp_acceptance"),
+    },
+    "extend": {
+        "max_ppl_increase": metric("ppl_change_at_original_length"),
+        "min_passkey_accuracy_4x": metric("passkey_accuracy_after_4x"),
+    },
     "sft": {
+        "min_accuracy": metric("heldout_accuracy"),
         "min_format_rate": metric("heldout_format_rate"),
         "max_truncated_rate": metric("heldout_truncated_rate"),
     },
@@ -79,6 +92,8 @@ def judge(stage: str, metrics: dict[str, float], checks: ChecksSection) -> list[
         if value is None:
             continue
         limit = getattr(limits, field)
+        if limit is None:  # a check the recipe leaves off
+            continue
         within = value >= limit if field.startswith("min_") else value <= limit
         judged.append(Check(f"checks.{stage}.{field}", float(value), float(limit), math.isfinite(value) and within))
     return judged
