@@ -6,7 +6,6 @@ import pytest
 from dsv3.data.generated import (
     RETRIEVAL_VALUE_DIGITS,
     copy_document,
-    copy_documents,
     corpus_words,
     generated_documents,
     math_as_code,
@@ -27,21 +26,21 @@ def test_corpus_words_are_frequent_words_most_frequent_first():
         corpus_words(["few words only"])
 
 
-def test_copy_documents_are_token_spans_written_twice():
-    """Every copy document is episodes `a x b x`: its second copies cover a large share of it, each within one span
-    (<= 64) plus the gap b (<= 32) of the first."""
-    vocabulary = list(range(9, 4096))
+def test_copy_documents_are_spans_written_twice():
+    """Every item of a copy document is a gap item or part of a span whose second copy follows within 16 items."""
     for seed in range(20):
-        ids = copy_document(random.Random(seed), vocabulary)
-        assert 120 <= len(ids) < 240 + 8 + 32 + 2 * 64 and set(ids) <= set(vocabulary)
+        rng = random.Random(seed)
+        doc = copy_document(rng, WORDS, min_items=80, max_items=160, span=(6, 40))
+        items = re.findall(r"\w+", doc)
+        assert 80 <= len(items) < 160 + 8 + 16 + 2 * 40
         seen: dict[tuple, int] = {}
         covered: set[int] = set()
-        for i in range(len(ids) - 3):
-            gram = tuple(ids[i : i + 4])
-            if gram in seen and i - seen[gram] <= 96:
-                covered.update(range(i, i + 4))
+        for i in range(len(items) - 5):
+            gram = tuple(items[i : i + 6])
+            if gram in seen and i - seen[gram] <= 56:  # a span (<= 40) plus the gap b (<= 16) back
+                covered.update(range(i, i + 6))
             seen.setdefault(gram, i)
-        assert len(covered) >= 0.2 * len(ids)  # second copies: ~40% of the tokens on average
+        assert len(covered) >= 0.2 * len(items), doc  # second copies: ~40% of the items on average
 
 
 def test_retrieval_lookups_answer_with_the_stored_value_and_never_five_digits():
@@ -86,11 +85,8 @@ def test_math_as_code_runs_to_the_answer():
 
 
 def test_documents_depend_on_seed_and_index_only():
-    a = generated_documents("math", 5, 7, WORDS)
-    assert generated_documents("math", 3, 7, WORDS) == a[:3]
-    assert generated_documents("math", 5, 8, WORDS) != a
-    assert copy_documents(3, 7, list(range(100))) == copy_documents(4, 7, list(range(100)))[:3]
+    a = generated_documents("copy", 5, 7, WORDS)
+    assert generated_documents("copy", 3, 7, WORDS) == a[:3]
+    assert generated_documents("copy", 5, 8, WORDS) != a
     with pytest.raises(ValueError, match="unknown generated source"):
         generated_documents("poetry", 1, 0, WORDS)
-    with pytest.raises(ValueError, match="made in token space"):
-        generated_documents("copy", 1, 0, WORDS)

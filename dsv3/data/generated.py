@@ -3,11 +3,12 @@
 A tiny model on a few million tokens of code never learns to copy from its context (induction heads form only on
 ~10^7+ tokens of natural text), and every stage after pretraining needs that: passkey retrieval is copying a key,
 SFT's answers copy the question's numbers, MTP drafts are cheap exactly where text repeats. DeepSeek-V3 raises the
-share of math and code in its corpus for the same reason (report §4.1). Three sources, all from a seed:
+share of math and code in its corpus for the same reason (report §4.1). Three sources, all text (the tokenizer
+trains on them too), all from a seed:
 
-* "copy": copy episodes `a x b x` over the tokenizer's whole vocabulary — a span x of random tokens written twice
-  with random gaps (Olsson et al. 2022): only looking back at a token's earlier occurrence and copying what followed
-  predicts the second x. Made in token space, after the tokenizer;
+* "copy": the corpus' own words and numbers in copy episodes `a x b x` — a random span x written twice with random
+  gaps (Olsson et al. 2022): only looking back at a token's earlier occurrence and copying what followed predicts
+  the second x;
 * "retrieval": key–value records (a Python dict, or sentences "The code of K is V.") among filler, then lookups of
   some keys at the end (values: numbers of 3, 4 or 6 digits, or words); and, one document in four, the passkey
   task's own needle and question (dsv3.data.passkeys) with a "train" key — the evaluation's keys are the other half;
@@ -15,8 +16,7 @@ share of math and code in its corpus for the same reason (report §4.1). Three s
   with comments — never in the chat template and never with \\boxed{}, so SFT still has the format to teach. Only
   "train" problems (dsv3.data.math_tasks.problem_split) are written: no held-out problem is ever seen.
 
-`corpus_words` picks the word list of the text sources from the corpus, so their text is made of the tokenizer's
-own tokens; the tokenizer trains on them (not on "copy", which is made from its vocabulary).
+`corpus_words` picks the word list from the corpus, so the generated text is made of the tokenizer's own tokens.
 """
 
 from __future__ import annotations
@@ -62,17 +62,19 @@ def joined(rng: random.Random, items: list[str]) -> str:
     return "".join(out[:-1])
 
 
-def copy_document(rng: random.Random, vocabulary: list[int], min_tokens: int = 120, max_tokens: int = 240, span: tuple[int, int] = (8, 64)) -> list[int]:
-    """Token ids: copy episodes `a x b x` until min_tokens..max_tokens — each a span x of span[0]..span[1] tokens
-    drawn uniformly from `vocabulary` (the tokenizer's ordinary ids), written twice, after a gap a of 0..8 tokens and
-    with a gap b of 0..32 between the copies. Made in token space, so every token of the vocabulary is copied (words
-    alone taught copying words, not tokens: gain 0.005 nats on random tokens while the copy rows' loss had halved)."""
-    target, ids = rng.randint(min_tokens, max_tokens), []
-    while len(ids) < target:
-        x = [rng.choice(vocabulary) for _ in range(rng.randint(*span))]
-        ids += [rng.choice(vocabulary) for _ in range(rng.randint(0, 8))] + x
-        ids += [rng.choice(vocabulary) for _ in range(rng.randint(0, 32))] + x
-    return ids
+def copy_document(rng: random.Random, words: list[str], min_items: int = 80, max_items: int = 160, span: tuple[int, int] = (6, 40)) -> str:
+    """Copy episodes `a x b x` until min_items..max_items words and numbers: each a span x of span[0]..span[1]
+    random items written twice, the same text both times, after a gap a of 0..8 items and with a gap b of 0..16
+    between the copies. Short look-back distances (~10-100 tokens) keep most copies within one packed row."""
+    target, count, pieces = rng.randint(min_items, max_items), 0, []
+    while count < target:
+        x = [token_like(rng, words) for _ in range(rng.randint(*span))]
+        a = [token_like(rng, words) for _ in range(rng.randint(0, 8))]
+        b = [token_like(rng, words) for _ in range(rng.randint(0, 16))]
+        text = joined(rng, x)
+        pieces += [joined(rng, a), text, joined(rng, b), text]
+        count += len(a) + len(b) + 2 * len(x)
+    return joined(rng, [p for p in pieces if p])
 
 
 def retrieval_value(rng: random.Random, words: list[str]) -> str:
@@ -166,32 +168,22 @@ def math_document(rng: random.Random, problems: tuple[int, int] = (2, 5), max_st
     return "\n".join(docs)
 
 
-TEXT_SOURCES: dict[str, Callable[..., str]] = {"retrieval": retrieval_document, "math": math_document}
-"""The generated sources made as text (the tokenizer trains on them), each (rng, words) -> a document."""
-GENERATED_SOURCES = ("copy", *TEXT_SOURCES)
-"""Every generated source; "copy" is made in token space from the trained tokenizer's vocabulary."""
-
-
-def check_source(source: str) -> None:
-    if source not in GENERATED_SOURCES:
-        raise ValueError(f"unknown generated source {source!r}; use one of {', '.join(GENERATED_SOURCES)}")
+GENERATED_SOURCES: dict[str, Callable[..., str]] = {
+    "copy": copy_document,
+    "retrieval": retrieval_document,
+    "math": math_document,
+}
+"""The generated sources of a mixture by name, each (rng, words) -> one document ("math" takes no words)."""
 
 
 def generated_document(source: str, seed: int, index: int, words: list[str]) -> str:
-    """Text document `index` of a text source: it depends only on (source, seed, index), so a longer list extends a
-    shorter."""
-    if source not in TEXT_SOURCES:
-        check_source(source)
-        raise ValueError(f"source {source!r} is made in token space: use copy_documents")
+    """Document `index` of `source`: it depends only on (source, seed, index), so a longer list extends a shorter."""
+    if source not in GENERATED_SOURCES:
+        raise ValueError(f"unknown generated source {source!r}; use one of {', '.join(GENERATED_SOURCES)}")
     rng = random.Random(f"{source}:{seed}:{index}")
-    return math_document(rng) if source == "math" else TEXT_SOURCES[source](rng, words)
+    return math_document(rng) if source == "math" else GENERATED_SOURCES[source](rng, words)
 
 
 def generated_documents(source: str, count: int, seed: int, words: list[str]) -> list[str]:
-    """The first `count` documents of a text source."""
+    """The first `count` documents of `source`."""
     return [generated_document(source, seed, i, words) for i in range(count)]
-
-
-def copy_documents(count: int, seed: int, vocabulary: list[int]) -> list[list[int]]:
-    """The first `count` copy documents (token ids); document i depends only on (seed, i)."""
-    return [copy_document(random.Random(f"copy:{seed}:{i}"), vocabulary) for i in range(count)]

@@ -24,15 +24,7 @@ from tokenizers import Tokenizer
 
 from dsv3.data.corpus import capped_texts, hash_fraction
 from dsv3.data.dataset import build_lm_dataset
-from dsv3.data.generated import (
-    TEXT_SOURCES,
-    copy_documents,
-    corpus_words,
-    generated_document,
-    generated_documents,
-)
-from dsv3.data.packing import pack_documents
-from dsv3.data.tokenizer import EOS
+from dsv3.data.generated import corpus_words, generated_document, generated_documents
 
 CORPUS = "corpus"
 
@@ -142,14 +134,13 @@ def generated_texts(source: str, seed: int, words: list[str], max_bytes: int) ->
 def tokenizer_texts(
     mixture: dict[str, float | dict[float, float]], corpus_train: datasets.Dataset, seed: int, max_bytes: int
 ) -> list[str]:
-    """What the tokenizer trains on: each text source's mean share of `max_bytes` (the corpus' texts in order, the
-    generated text sources' documents), so its merges follow the text the model reads ("copy" is made from the
-    trained tokenizer's vocabulary)."""
+    """What the tokenizer trains on: each source's mean share of `max_bytes` (the corpus' texts in order, the
+    generated sources' documents), so its merges follow the mixture the model reads."""
     shares = mean_shares(mixture)
     texts = capped_texts(corpus_train, round(shares[CORPUS] * max_bytes))
     words = corpus_words(corpus_train["text"])
     for source, share in shares.items():
-        if source in TEXT_SOURCES and share > 0:
+        if source != CORPUS and share > 0:
             texts += generated_texts(source, seed, words, round(share * max_bytes))
     return texts
 
@@ -165,21 +156,13 @@ def mixture_rows(
     cache_dir: Path,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """The run's `total_rows` training rows in order (`blended_rows`) and the rows each source packs into: the
-    corpus' packed rows plus, per generated source, enough documents (text sources: tokenized without FIM or token
-    splitting; copy: token ids over the ordinary vocabulary, ~180 per document) to pack into the rows it is drawn
-    for, so no generated row repeats."""
+    corpus' packed rows plus, per generated source, enough documents (no FIM, no token splitting) to pack into the
+    rows it is drawn for, so no generated row repeats."""
     needed = rows_needed(mixture, total_rows)
     words = corpus_words(corpus_texts)
     rows = {CORPUS: corpus_rows}
-    eos = tokenizer.token_to_id(EOS)
-    special = tokenizer.get_added_tokens_decoder()
-    vocabulary = [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True)) if i not in special]
     for source, count in needed.items():
         if source == CORPUS:
-            continue
-        if source == "copy":
-            documents = copy_documents(math.ceil(1.1 * max(count, 1) * seq_len / 180) + 1, seed, vocabulary)
-            rows[source] = packed_rows(pack_documents(documents, seq_len, eos), corpus_rows.features)
             continue
         sample = generated_documents(source, 64, seed, words)
         per_doc = sum(len(e.ids) + 1 for e in tokenizer.encode_batch(sample)) / len(sample)
@@ -187,7 +170,3 @@ def mixture_rows(
         texts = datasets.Dataset.from_dict({"text": documents})
         rows[source] = build_lm_dataset(texts, tokenizer, seq_len, 0.0, 0.0, seed, cache_dir)
     return blended_rows(mixture, rows, total_rows, seed), {source: len(r) for source, r in rows.items()}
-
-
-def packed_rows(packed: dict, features: datasets.Features) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}, features=features)
