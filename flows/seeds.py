@@ -15,11 +15,13 @@ the table as artifacts) under which each seed's pipeline run is nested.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from dsv3.config import load_recipe
@@ -44,7 +46,14 @@ def seeds_folder(runs_dir: str, recipe) -> Path:
     return run_root(runs_dir, recipe).parent / f"seeds-{variant_name(recipe)}"
 
 
-@flow(name="dsv3-pipeline-seeds", log_prints=False, persist_result=False)
+def seeds_flow_run_name() -> str:
+    """`<recipe>-<variant>-seeds<N>-<time>`, from the flow run's parameters."""
+    params = flow_run.parameters
+    recipe = load_recipe(params["recipe_path"], params.get("overrides") or [], params.get("name"))
+    return f"{recipe.name}-{variant_name(recipe)}-seeds{params.get('seeds', 3)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="dsv3-pipeline-seeds", flow_run_name=seeds_flow_run_name, log_prints=False, persist_result=False)
 def pipeline_over_seeds(
     recipe_path: str = "recipes/tiny.yaml",
     overrides: list[str] | None = None,
