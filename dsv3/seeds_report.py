@@ -60,9 +60,9 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 @dataclass(frozen=True)
-class MetricRow:
-    stage: str
-    metric: str
+class PerSeed:
+    """Values per seed, with their mean and sample sd."""
+
     values: dict[int, float]  # seed -> value
 
     @property
@@ -74,6 +74,12 @@ class MetricRow:
         return mean_sd(list(self.values.values()))[1]
 
 
+@dataclass(frozen=True)
+class MetricRow(PerSeed):
+    stage: str = ""
+    metric: str = ""
+
+
 def metric_rows(runs: list[SeedRun]) -> list[MetricRow]:
     """One row per (stage, headline metric) any seed has, in stage order then headline order."""
     rows = []
@@ -83,23 +89,13 @@ def metric_rows(runs: list[SeedRun]) -> list[MetricRow]:
             names += [m for m in run.metrics.get(stage, {}) if m not in names]
         for metric in names:
             values = {r.seed: r.metrics[stage][metric] for r in runs if metric in r.metrics.get(stage, {})}
-            rows.append(MetricRow(stage, metric, values))
+            rows.append(MetricRow(values, stage, metric))
     return rows
 
 
 @dataclass(frozen=True)
-class PairedDifference:
-    """RL minus SFT held-out accuracy per seed, its mean and sd, and the verdict."""
-
-    differences: dict[int, float]
-
-    @property
-    def mean(self) -> float:
-        return mean_sd(list(self.differences.values()))[0]
-
-    @property
-    def sd(self) -> float | None:
-        return mean_sd(list(self.differences.values()))[1]
+class PairedDifference(PerSeed):
+    """RL minus SFT held-out accuracy per seed (`values`), its mean and sd, and the verdict."""
 
     @property
     def verdict(self) -> str:
@@ -140,7 +136,7 @@ def seeds_markdown(runs: list[SeedRun], command: str) -> str:
         lines.append(f"| {row.stage} | {row.metric} | {_fmt(row.mean)} ± {_fmt(row.sd)} ({len(row.values)}) | " + " | ".join(cells) + " |")
     gain = rl_gain(runs)
     if gain is not None:
-        per_seed = ", ".join(f"seed {s}: {d:+.4g}" for s, d in gain.differences.items())
+        per_seed = ", ".join(f"seed {s}: {d:+.4g}" for s, d in gain.values.items())
         lines += [
             "",
             f"**RL over SFT, held-out accuracy (paired per seed):** d̄ = {gain.mean:+.4g} ± {_fmt(gain.sd)} — "

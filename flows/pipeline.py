@@ -97,11 +97,11 @@ def stage_task(stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id:
     return run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of {parsed.name}/{variant_name(parsed)}")
 
 
-def flow_run_name() -> str:
-    """`<recipe>-<variant>-<time>`, from the flow run's parameters."""
+def flow_run_name(kind: str = "") -> str:
+    """`<recipe>-<variant>[-<kind>]-<time>`, from the flow run's parameters."""
     params = flow_run.parameters
     recipe = load_recipe(params["recipe_path"], params.get("overrides") or [], params.get("name"))
-    return f"{recipe.name}-{variant_name(recipe)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return "-".join(filter(None, (recipe.name, variant_name(recipe), kind, time.strftime("%Y%m%d-%H%M%S"))))
 
 
 @flow(name="dsv3-pipeline", flow_run_name=flow_run_name, log_prints=False, persist_result=False)

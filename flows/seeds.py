@@ -15,7 +15,6 @@ the table as artifacts) under which each seed's pipeline run is nested.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from dsv3.seeds_report import metric_rows, read_seed_run, rl_gain, write_seeds_r
 from dsv3.stages.lock import runs_lock
 from dsv3.stages.runs import run_root, variant_name
 from dsv3.tracking import Tracker
-from flows.pipeline import pipeline, stages_to_run
+from flows.pipeline import flow_run_name, pipeline, stages_to_run
 
 
 def seed_overrides(overrides: list[str], name: str | None, seed0: int, index: int) -> tuple[list[str], str | None]:
@@ -47,10 +46,8 @@ def seeds_folder(runs_dir: str, recipe) -> Path:
 
 
 def seeds_flow_run_name() -> str:
-    """`<recipe>-<variant>-seeds<N>-<time>`, from the flow run's parameters."""
-    params = flow_run.parameters
-    recipe = load_recipe(params["recipe_path"], params.get("overrides") or [], params.get("name"))
-    return f"{recipe.name}-{variant_name(recipe)}-seeds{params.get('seeds', 3)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`<recipe>-<variant>-seeds<N>-<time>`."""
+    return flow_run_name(f"seeds{flow_run.parameters.get('seeds', 3)}")
 
 
 @flow(name="dsv3-pipeline-seeds", flow_run_name=seeds_flow_run_name, log_prints=False, persist_result=False)

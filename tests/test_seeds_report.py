@@ -24,7 +24,7 @@ def test_table_has_mean_sd_and_every_seed(tmp_path):
     assert "| sft | heldout_accuracy | 0.25 ± 0.05 (3) | 0.3 | 0.2 | 0.25 |" in text
     assert "unlisted" not in text  # headline metrics only
     gain = rl_gain(runs)
-    assert gain.differences == pytest.approx({1: 0.10, 2: 0.12, 3: 0.08})
+    assert gain.values == pytest.approx({1: 0.10, 2: 0.12, 3: 0.08})
     assert gain.mean == pytest.approx(0.10) and gain.sd == pytest.approx(0.02)
     assert gain.verdict == "holds" and "holds" in text
     assert "<td>0.25 ± 0.05 (3)</td>" in seeds_html(runs, "cmd")
