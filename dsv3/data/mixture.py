@@ -108,17 +108,6 @@ def blended_rows(
     return combined.select(index.tolist())
 
 
-def source_counts(mixture: dict[str, float | dict[float, float]], total_rows: int, points: int = 10) -> list[dict]:
-    """The realised share of each source in `points` equal parts of the run (for the data card and the plot)."""
-    sources = blend_sources(mixture, total_rows)
-    out = []
-    for part in np.array_split(np.arange(total_rows), points):
-        counts = np.bincount(sources[part], minlength=len(mixture))
-        out.append({"from": part[0] / total_rows, **{n: c / len(part) for n, c in zip(mixture, counts, strict=True)}})
-    return out
-
-
-
 def generated_texts(source: str, seed: int, words: list[str], max_bytes: int) -> list[str]:
     """Documents of a generated source, in order, until `max_bytes` of UTF-8 would be exceeded (at least one)."""
     texts, total = [], 0
