@@ -37,8 +37,8 @@ def add_flow_commands(sub) -> None:
         epilog="examples:\n"
         "  dsv3 run --recipe recipes/tiny.yaml --until tokenizer --set tokenizer.vocab_size=1024\n"
         "  dsv3 run --recipe recipes/tiny.yaml --until pretrain --name lr1e-3 --set pretrain.lr_peak=1e-3\n"
-        "  dsv3 run --recipe recipes/tiny.yaml\n"
-        "  dsv3 run --recipe recipes/tiny.yaml --until pretrain --seeds 2   # seeds s0 and s0+1, the table over them",
+        "  dsv3 run --recipe recipes/tiny.yaml --until pretrain --seeds 2\n"
+        "  dsv3 run --recipe recipes/tiny.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--recipe", default="recipes/tiny.yaml", help="recipe YAML (default: recipes/tiny.yaml)")

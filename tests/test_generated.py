@@ -22,7 +22,7 @@ def test_corpus_words_are_frequent_words_most_frequent_first():
     texts = ["alpha beta beta gamma gamma gamma x1 " * 3] + [f"zz{chr(97 + i // 26)}{chr(97 + i % 26)} " for i in range(60)] * 3
     words = corpus_words(texts, count=3, min_count=3)
     assert words == ["gamma", "beta", "alpha"]
-    with pytest.raises(ValueError, match="need >= 50"):
+    with pytest.raises(ValueError, match="need >= 50; give the corpus more text or set data.mixture: null"):
         corpus_words(["few words only"])
 
 

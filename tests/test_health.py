@@ -14,11 +14,11 @@ def verdicts(stage, metrics, checks=TINY.checks):
 
 
 def test_pretrain_must_beat_the_unigram_baseline():
-    assert verdicts("pretrain", {"final_val_loss": 5.3, "unigram_val_loss": 6.5}) == {
+    assert verdicts("pretrain", {"final_val_loss": 4.0, "unigram_val_loss": 6.3}) == {
         "pretrain.nonfinite_losses": True,
         "checks.pretrain.max_val_loss_ratio": True,
     }
-    assert not verdicts("pretrain", {"final_val_loss": 6.6, "unigram_val_loss": 6.5})["checks.pretrain.max_val_loss_ratio"]
+    assert not verdicts("pretrain", {"final_val_loss": 5.3, "unigram_val_loss": 6.3})["checks.pretrain.max_val_loss_ratio"]
     (nan,) = [c for c in judge("pretrain", {"final_val_loss": math.nan, "unigram_val_loss": 6.5}, TINY.checks) if "ratio" in c.name]
     assert not nan.passed  # NaN compares false both ways: it must fail, not pass
 
@@ -28,8 +28,8 @@ def test_sft_format_and_truncation_bounds_and_the_failure_line():
     assert all(verdicts("sft", good).values())
     broken = judge("sft", {"heldout_format_rate": 0.0, "heldout_truncated_rate": 1.0}, TINY.checks)
     assert [c.line() for c in broken if not c.passed] == [
-        "checks.sft.min_format_rate: measured 0, needs ≥ 0.5",
-        "checks.sft.max_truncated_rate: measured 1, needs ≤ 0.5",
+        "checks.sft.min_format_rate: measured 0, needs ≥ 0.8",
+        "checks.sft.max_truncated_rate: measured 1, needs ≤ 0.2",
     ]
 
 

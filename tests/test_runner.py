@@ -268,7 +268,7 @@ def test_an_edited_local_corpus_reruns_the_real_tokenizer_stage(runs_dir, tmp_pa
         (corpus / f"doc{i}.txt").write_text(f"def function_{i}(x):\n    return x * {i} + {i * i}\n" * 40)
     recipe = load_recipe(
         RECIPES / "smoke.yaml",
-        ["data.source=local", f"data.paths=[{corpus}]", "tokenizer.vocab_size=300", "checks.tokenizer.min_bytes_per_token=1.0"],
+        ["data.source=local", f"data.paths=[{corpus}]", "data.mixture=null", "tokenizer.vocab_size=300", "checks.tokenizer.min_bytes_per_token=1.0"],
     )
     assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
     assert run_stage("tokenizer", recipe, runs_dir).action == "skipped"

@@ -39,7 +39,10 @@ def corpus_words(texts: Iterable[str], count: int = 2000, min_count: int = 3) ->
     counts = Counter(word for text in texts for word in WORD.findall(text))
     ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     if len(ranked) < 50:
-        raise ValueError(f"the corpus has {len(ranked)} words seen {min_count}+ times; generated sources need >= 50")
+        raise ValueError(
+            f"data.mixture: the corpus has {len(ranked)} words seen {min_count}+ times and the generated sources need "
+            ">= 50; give the corpus more text or set data.mixture: null"
+        )
     return ranked[:count]
 
 
