@@ -199,6 +199,19 @@ class PretrainSection(Section):
     expert_parallel: int = Field(
         1, ge=1, description="ranks the routed experts of every MoE layer are split over (strategy fsdp)"
     )
+    fsdp_replicate: int = Field(
+        1, ge=1, description="HSDP (strategy fsdp): replicas of the sharded model; each of them shards it over "
+        "devices × num_nodes / fsdp_replicate ranks (e.g. one node each)"
+    )
+    gradient_sync: Literal["step", "micro_batch"] = Field(
+        "step", description="strategy fsdp: reduce-scatter the gradients once per optimizer step (holding each "
+        "rank's unsharded gradients between micro-batches) or after every micro-batch (less memory, more traffic)"
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute blocks' activations in the backward: every block (full) or every "
+        "activation_checkpointing_every-th (selective)"
+    )
+    activation_checkpointing_every: int = Field(2, ge=1, description="selective: checkpoint blocks k, 2k, 3k, …")
     num_nodes: int = Field(1, ge=1, description="nodes; > 1 launches torchrun on each node")
     max_restarts: int = Field(
         0, ge=0, description="torchrun --max-restarts: a job whose rank died is restarted this often, every rank "
@@ -234,9 +247,17 @@ class PretrainSection(Section):
             )
         if self.expert_parallel > 1 and self.strategy != "fsdp":
             raise ValueError("pretrain.expert_parallel: expert parallelism runs under strategy fsdp; set pretrain.strategy=fsdp")
-        if self.expert_parallel > ranks or ranks % self.expert_parallel:
+        if self.fsdp_replicate > 1 and self.strategy != "fsdp":
+            raise ValueError("pretrain.fsdp_replicate: HSDP replicates a sharded model; set pretrain.strategy=fsdp")
+        if ranks % self.fsdp_replicate:
             raise ValueError(
-                f"pretrain.expert_parallel: {self.expert_parallel} must divide the world size devices × num_nodes ({ranks})"
+                f"pretrain.fsdp_replicate: {self.fsdp_replicate} must divide the world size devices × num_nodes ({ranks})"
+            )
+        shard = ranks // self.fsdp_replicate
+        if shard % self.expert_parallel:
+            raise ValueError(
+                f"pretrain.expert_parallel: {self.expert_parallel} must divide the world size devices × num_nodes "
+                f"/ fsdp_replicate ({shard})"
             )
         fractions = [
             self.lr_warmup_fraction,
@@ -546,7 +567,8 @@ class Recipe(Section):
 # through `dsv3 run` and the other way round. extend's phases are matched by their micro_batch_size alone.
 HARDWARE = {
     "pretrain": (
-        "devices", "num_nodes", "strategy", "expert_parallel", "compile", "micro_batch_size", "accelerator", "max_restarts"
+        "devices", "num_nodes", "strategy", "expert_parallel", "compile", "micro_batch_size", "accelerator", "max_restarts",
+        "fsdp_replicate", "gradient_sync", "activation_checkpointing", "activation_checkpointing_every",
     ),
     "extend": ("micro_batch_size",),
 }

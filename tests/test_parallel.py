@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from dsv3.fp8 import convert_to_fp8
 from dsv3.model import DSV3ForCausalLM
 from dsv3.model.moe import MoE
-from dsv3.train.parallel import ExpertParallel, clip_grad_norm, parallelize, sync_expert_gradients
+from dsv3.train.parallel import ExpertParallel, clip_grad_norm, parallelize
 from tests.toy_model import toy_config
 
 WORLD = 2
@@ -50,9 +50,8 @@ def _rank(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replica", "ep"))
         moe, x, weight = moe_and_batch()
-        moe.experts = ExpertParallel(moe.experts, mesh)
+        moe.experts = ExpertParallel(moe.experts, init_device_mesh("cpu", (WORLD,)))
         mine = slice(rank * 3, rank * 3 + 3)  # this rank's share of the batch
         x = x[mine].clone().requires_grad_()
         y, _ = moe(x)
@@ -60,16 +59,15 @@ def _rank(rank: int, store: str, out: str) -> None:
         expert_grads = {n: p.grad.to_local() for n, p in moe.experts.named_parameters()}
 
         model, ids = lm_and_batch()
-        parallelize(model, init_device_mesh("cpu", (WORLD,)), expert_parallel=WORLD)
+        parallelize(model, WORLD, "cpu", expert_parallel=WORLD)
         loss = lm_loss(model, ids[rank * 2 : rank * 2 + 2])
         loss.backward()
-        sync_expert_gradients(model, WORLD)
         norm = clip_grad_norm(list(model.parameters()), MAX_NORM)
         grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
 
         fp8, ids = lm_and_batch()
         convert_to_fp8(fp8, "emulated")  # before sharding, as CausalLMTraining.configure_model does
-        parallelize(fp8, init_device_mesh("cpu", (WORLD,)), expert_parallel=WORLD)
+        parallelize(fp8, WORLD, "cpu", expert_parallel=WORLD)
         with torch.autocast("cpu", torch.bfloat16):  # as the FP8 precision plugin runs the step
             fp8_loss = lm_loss(fp8, ids[rank * 2 : rank * 2 + 2])
         experts_fp8 = fp8.model.layers[-1].mlp.experts.fp8

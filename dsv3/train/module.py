@@ -4,7 +4,7 @@ matrices only, gradient clip 1.0; loss = CE + λ·mean_k L^k_MTP + the sequence-
 Optimisation is manual so that one optimizer step spans a fixed number of micro-batches whose size follows the
 batch-size ramp, and so that the step reads top to bottom in `training_step`:
 
-    forward → loss → backward                         every micro-batch
+    forward → loss → backward                         every micro-batch (gradients reduced at the last, by default)
     clip → finite? → optimizer step → router biases → metrics     at the last micro-batch of the step
 
 Every schedule is read from the tokens seen before the step (`StepPlan`), so restoring the step count restores the
@@ -31,7 +31,8 @@ from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.train.balancing import update_router_biases
 from dsv3.train.checkpoints import MICRO_BATCHES_PER_STEP, rescale_batch_counts
 from dsv3.train.compile import compile_blocks
-from dsv3.train.parallel import clip_grad_norm, parallelize, sync_expert_gradients
+from dsv3.train.parallel import clip_grad_norm, parallelize
+from dsv3.train.recompute import checkpoint_blocks
 from dsv3.train.schedules import StepPlan, accumulation_steps, bias_update_speed, learning_rate, mtp_weight
 from dsv3.train.settings import LoopSettings
 
@@ -60,6 +61,7 @@ class CausalLMTraining(L.LightningModule):
     ):
         super().__init__()
         self.model = DSV3ForCausalLM(config)
+        checkpoint_blocks(self.model, settings.activation_checkpointing, settings.activation_checkpointing_every)
         if settings.compile:
             compile_blocks(self.model)
         self.settings, self.plan, self.step_offset = settings, plan, step_offset
@@ -83,8 +85,9 @@ class CausalLMTraining(L.LightningModule):
             return
         if fp8_scaling(s.precision):
             convert_to_fp8(self.model, s.fp8_backend, fp8_scaling(s.precision))
-        gpu = self.device.type == "cuda"
-        parallelize(self.model, self.device_mesh["data_parallel"], s.expert_parallel, mixed_precision=gpu and s.precision != "32-true")
+        mesh = self.device_mesh["data_parallel"]
+        mixed = self.device.type == "cuda" and s.precision != "32-true"
+        parallelize(self.model, mesh.size(), mesh.device_type, s.expert_parallel, s.fsdp_replicate, mixed_precision=mixed)
         self.sharded = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -118,6 +121,9 @@ class CausalLMTraining(L.LightningModule):
         out = self.forward_losses(batch)
         mtp = out.mtp_losses if out.mtp_losses is not None else out.loss.new_zeros(0)
         loss = out.loss + lam * (mtp.mean() if mtp.numel() else 0.0) + out.balance_loss
+        if self.sharded:  # gradient_sync step: FSDP2 reduces once, after the step's last micro-batch
+            last = self._micro == self.accumulation - 1
+            self.model.set_requires_gradient_sync(last or self.settings.gradient_sync == "micro_batch")
         self.manual_backward(loss / self.accumulation)
         terms = torch.cat((torch.stack((out.loss.float(), out.balance_loss.float())), mtp.float())).detach()  # CE, balance, MTP
         load = torch.stack([gate.expert_load for gate in self.model.moe_gates()])  # (G, E) this micro-batch
@@ -133,7 +139,6 @@ class CausalLMTraining(L.LightningModule):
         # clip → finite? → optimizer step → router biases → metrics (once per step)
         lr = optimizer.param_groups[0]["lr"]
         if self.sharded:
-            sync_expert_gradients(self.model, self.trainer.world_size)
             grad_norm = clip_grad_norm(list(self.model.parameters()), self.settings.grad_clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)

@@ -1,15 +1,19 @@
-"""Scaling out on PyTorch's own engine: FSDP2 (`fully_shard`) per block and at the root, and expert parallelism for
-the routed experts — how torchtitan and Megatron train DeepSeek-V3, composed here by Lightning's
-ModelParallelStrategy through `CausalLMTraining.configure_model`.
+"""Scaling out on PyTorch's own engine: FSDP2 (`fully_shard`) per block and at the root, HSDP as an option, and
+expert parallelism for the routed experts — how torchtitan and Megatron train DeepSeek-V3, composed here by
+Lightning's ModelParallelStrategy through `CausalLMTraining.configure_model`.
 
-Expert parallelism (`expert_parallel: E`): the ranks form a (W/E, E) grid; each row is an expert-parallel group
-whose E ranks hold n_routed_experts/E experts each of every MoE layer (a DTensor sharded along the experts), and
-the W/E rows hold the same experts (replicas). A token goes to the rank of each expert it is routed to with
-`all_to_all_single` (uneven splits: no capacity factor, no token dropped), the rank runs its experts as one grouped
-GEMM over what it received, and the results come back the same way to be combined with the gate weights. The
-router, shared experts, attention and everything else stay sharded by FSDP2 over all W ranks. An expert's gradient
-then sums the losses of its group's E ranks; `sync_expert_gradients` adds the replicas' and divides by W, which is
-what FSDP2 does for every other parameter (the mean of the ranks' losses).
+The W ranks form a grid (replicate R, shard W/R) for every parameter but the routed experts: `fully_shard` over
+the shard dimension, replicated over R (HSDP when R > 1: all-gathers and reduce-scatters stay inside a group of
+W/R ranks, one all-reduce across the groups).
+
+Expert parallelism (`expert_parallel: E`): the shard dimension is split again into (W/(R·E), E); each group of E
+consecutive ranks holds n_routed_experts/E experts each of every MoE layer (a DTensor sharded along the experts
+over the 1-D "ep" mesh). A token goes to the rank of each expert it is routed to with `all_to_all_single` (uneven
+splits: no capacity factor, no token dropped), the rank runs its experts as one grouped GEMM over what it
+received, and the results come back the same way to be combined with the gate weights. The W/(R·E) ranks that
+hold the same experts shard them further with `fully_shard` (torchtitan's dp_shard_mod_ep), HSDP across R.
+An expert's gradient sums the losses of its group's E ranks; FSDP's reduce-scatter adds the other ranks' and
+divides by W (`set_gradient_divide_factor`), the mean of the ranks' losses as for every other parameter.
 
 Mixed precision on GPUs: bf16 parameters in the blocks' compute, fp32 gradient reductions (FSDP2's
 MixedPrecisionPolicy); the fp32 router bias is a buffer and stays fp32.
@@ -23,7 +27,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd  # as torchtitan dispatches
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.fp8.convert import FP8GroupedExperts
 from dsv3.fp8.linear import fp8_grouped_mm
@@ -38,17 +42,16 @@ class ExpertParallel(nn.Module):
     (so checkpoints and state dicts are those of the unsplit model); each rank computes with its local slice, in FP8
     when the experts were converted (dsv3.fp8) before being split."""
 
-    def __init__(self, experts: GroupedExperts, mesh: DeviceMesh):
+    def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh):
         super().__init__()
-        self.mesh, self.group = mesh, mesh.get_group("ep")
+        self.group = ep_mesh.get_group()
         self.fp8 = (experts.backend, experts.scaling) if isinstance(experts, FP8GroupedExperts) else None
-        self.ep = mesh.size(mesh.mesh_dim_names.index("ep"))
+        self.ep = ep_mesh.size()
         self.n_experts = experts.gate_up_proj.shape[0]
-        placements = [Replicate(), Shard(0)]  # (replica, ep)
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name).detach()
-            local = full.chunk(self.ep, dim=0)[mesh.get_local_rank("ep")].clone()
-            setattr(self, name, nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False)))
+            local = full.chunk(self.ep, dim=0)[ep_mesh.get_local_rank()].clone()
+            setattr(self, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         local_experts = self.n_experts // self.ep
@@ -76,48 +79,49 @@ class ExpertParallel(nn.Module):
         return fp8_grouped_mm(x, weight.transpose(-2, -1), offsets, *self.fp8)
 
 
-def expert_mesh(world: int, expert_parallel: int, device_type: str) -> DeviceMesh:
-    """The (replica, ep) grid of the ranks: consecutive ranks share an expert-parallel group."""
-    return init_device_mesh(device_type, (world // expert_parallel, expert_parallel), mesh_dim_names=("replica", "ep"))
+def meshes(world: int, replicate: int, expert_parallel: int, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+    """The dense grid (replicate, shard) = (R, W/R) and the expert grid (replicate, shard, ep) = (R, W/(R·E), E)
+    of the same ranks: consecutive ranks share a shard group, and within it an expert-parallel group."""
+    dense = init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    experts = init_device_mesh(
+        device_type, (replicate, world // (replicate * expert_parallel), expert_parallel),
+        mesh_dim_names=("replicate", "shard", "ep"),
+    )  # fmt: skip
+    return dense, experts
+
+
+def data_parallel(mesh: DeviceMesh) -> DeviceMesh:
+    """What `fully_shard` gets: the shard dimension alone, or (replicate, shard) for HSDP."""
+    return mesh["replicate", "shard"] if mesh["replicate"].size() > 1 else mesh["shard"]
 
 
 def parallelize(
-    model: nn.Module, dp_mesh: DeviceMesh, expert_parallel: int = 1, mixed_precision: bool = False
+    model: nn.Module, world: int, device_type: str, expert_parallel: int = 1, replicate: int = 1,
+    mixed_precision: bool = False,
 ) -> nn.Module:
-    """In place: routed experts split over `expert_parallel` ranks (if > 1), then FSDP2 on every decoder block,
-    every MTP module and the root (embedding, head, final norm), over `dp_mesh`; the expert DTensors are left to
-    `sync_expert_gradients`. Returns the model."""
-    ignored: set[nn.Parameter] = set()
-    if expert_parallel > 1:
-        mesh = expert_mesh(dp_mesh.size(), expert_parallel, dp_mesh.device_type)
-        for moe in (m for m in model.modules() if isinstance(m, MoE)):
-            moe.experts = ExpertParallel(moe.experts, mesh)
-            ignored |= set(moe.experts.parameters())
+    """In place, on `world` ranks: routed experts split over `expert_parallel` ranks (if > 1) and sharded over the
+    ranks holding the same ones, then FSDP2 on every decoder block, every MTP module and the root (embedding,
+    head, final norm), HSDP with `replicate` > 1 (see the module docstring). Returns the model."""
+    dense_mesh, expert_grid = meshes(world, replicate, expert_parallel, device_type)
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision
         else MixedPrecisionPolicy()
     )
+    if expert_parallel > 1:
+        local_experts = model.config.n_routed_experts // expert_parallel
+        shard = expert_grid["shard"].size()
+        placement = Shard(1) if shard > local_experts else Shard(0)  # torchtitan's rule: no rank left empty
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.experts = ExpertParallel(moe.experts, expert_grid["ep"])
+            fully_shard(moe.experts, mesh=data_parallel(expert_grid), mp_policy=policy, shard_placement_fn=lambda _: placement)
+            moe.experts.set_gradient_divide_factor(world)  # FSDP's own factor would be the shard group's size
+            # SUM, then divide (gloo has no PREMUL_SUM); not for a one-rank shard group, which torch 2.13 divides twice
+            moe.experts.set_force_sum_reduction_for_comms(expert_grid["shard"].size() > 1)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored & set(layer.parameters()))
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
+        fully_shard(layer, mesh=data_parallel(dense_mesh), mp_policy=policy)
+    fully_shard(model, mesh=data_parallel(dense_mesh), mp_policy=policy)
     return model
-
-
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()]
-
-
-@torch.no_grad()
-def sync_expert_gradients(model: nn.Module, world: int) -> None:
-    """Each expert's gradient summed the losses of its group's ranks: add the replicas' and divide by the world
-    size, as FSDP2 averages every other gradient over the ranks."""
-    for param in expert_parameters(model):
-        if param.grad is None:
-            continue
-        local = param.grad.to_local()
-        dist.all_reduce(local, group=param.device_mesh.get_group("replica"))
-        local.div_(world)
 
 
 @torch.no_grad()

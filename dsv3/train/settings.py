@@ -52,6 +52,10 @@ class LoopSettings:
     num_nodes: int
     strategy: str
     expert_parallel: int
+    fsdp_replicate: int
+    gradient_sync: str
+    activation_checkpointing: str
+    activation_checkpointing_every: int
     deterministic: bool
     val_every_n_steps: int
     val_max_rows: int | None
