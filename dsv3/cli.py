@@ -99,6 +99,13 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         metavar="E",
         help="ranks the routed experts are split over (default: pretrain.expert_parallel, else 1)",
     )
+    plan.add_argument(
+        "--fsdp-replicate",
+        type=int,
+        default=None,
+        metavar="R",
+        help="HSDP replicas: FSDP shards over devices / R ranks (default: pretrain.fsdp_replicate, else 1)",
+    )
     plan.add_argument("--strategy", choices=["ddp", "fsdp"], default=None, help="only this strategy's rows")
     plan.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     add_set_option(plan)
@@ -217,7 +224,8 @@ def _plan(args: argparse.Namespace) -> None:
         devices = args.devices
     else:
         devices = recipe.pretrain.devices * recipe.pretrain.num_nodes if recipe.pretrain else 1
-    rows = plan(recipe, devices, args.expert_parallel, args.strategy, model)
+    replicate = model.fsdp_replicate if args.fsdp_replicate is None else args.fsdp_replicate
+    rows = plan(recipe, devices, args.expert_parallel, args.strategy, model, replicate)
     groups = parameter_groups(model.weights)
     mtp = groups["MTP modules"]
     print(
@@ -228,9 +236,12 @@ def _plan(args: argparse.Namespace) -> None:
     source = "the pretrain section's defaults: the recipe has none" if model.pretrain_defaults else "pretrain"
     print(
         f"precision {model.precision}, optimizer_states_bf16 {str(model.optimizer_states_bf16).lower()}, "
-        f"micro-batch {model.micro_batch_size} × {model.seq_len} tokens ({source}); fp32 master weights except "
-        "under bf16-true, their bf16 / FP8 compute copies under 'copies'; activations are an estimate "
-        "(dsv3/train/plan.py says what each column counts)"
+        f"micro-batch {model.micro_batch_size} × {model.seq_len} tokens, global batch {model.global_batch_size}, "
+        f"gradient_sync {model.gradient_sync}, activation_checkpointing {model.activation_checkpointing}"
+        + (f" every {model.activation_checkpointing_every}" if model.activation_checkpointing == "selective" else "")
+        + f" ({source}); fp32 master weights except under bf16-true, their bf16 / FP8 compute copies under 'copies'; "
+        "activations are an estimate (dsv3/train/plan.py says what each column counts; pipeline parallelism is not "
+        "modelled)"
     )
     print()
     print("| strategy | devices | E | params GiB | grads GiB | optimizer GiB | copies GiB | activations GiB | total GiB |")
@@ -241,7 +252,10 @@ def _plan(args: argparse.Namespace) -> None:
     print()
     gpu = args.gpu_gib * GiB
     print(f"fits on one {args.gpu_gib:g} GiB GPU: " + ", ".join(f"{r.strategy} {'yes' if r.total <= gpu else 'no'}" for r in rows))
-    fewest = [(r.strategy, fewest_devices(model, "fsdp" if "FSDP" in r.strategy else "ddp", r.expert_parallel, gpu)) for r in rows]
+    fewest = [
+        (r.strategy, fewest_devices(model, "ddp" if r.strategy == "DDP" else "fsdp", r.expert_parallel, gpu, replicate=replicate))
+        for r in rows
+    ]
     print(
         f"fewest {args.gpu_gib:g} GiB GPUs: " + ", ".join(f"{name} {n or 'none'}" for name, n in fewest)
         + " (no margin counted for the CUDA context, NCCL buffers and fragmentation: leave a few GiB)"

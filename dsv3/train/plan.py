@@ -14,17 +14,21 @@ Bytes per parameter (`pretrain.precision`, `pretrain.optimizer_states_bf16`):
     fp8-tensorwise   as fp8-blockwise (one scale per tensor instead of per tile and block)
     bf16-true        2 (bf16)                2           4  (4)                         bf16
 
-Layouts, on N devices (`--devices`, all ranks of all nodes) with E expert-parallel ranks (`--expert-parallel`):
+Layouts, on N devices (`--devices`, all ranks of all nodes) with E expert-parallel ranks (`--expert-parallel`) and
+R HSDP replicas (`--fsdp-replicate`, default pretrain.fsdp_replicate):
 
 - DDP: every rank holds the whole model, its gradients and its optimizer state.
 - FSDP (FSDP2, `dsv3.train.parallel.parallelize`): `fully_shard` on every decoder block, every MTP module and the
-  root (embedding, final norm, head); each parameter is split along its first dimension into N shards (padded to a
-  multiple of N, as FSDP2 does), and so are its gradient and its AdamW moments.
-- FSDP+EP: the routed experts of every MoE layer (the MTP modules' too) are split over E ranks: each rank holds
-  n_routed_experts/E whole experts, replicated across the N/E expert-parallel groups and NOT sharded further by
-  FSDP (they are FSDP's ignored parameters, `parallelize` above); everything else is FSDP-sharded over all N ranks.
-  torchtitan additionally shards the experts over the N/E replicas; this plan does not, so its expert figure is an
-  upper bound for that layout.
+  root (embedding, final norm, head); each parameter is split along its first dimension into S = N/R shards (padded
+  to a multiple of S, as FSDP2 does), and so are its gradient and its AdamW moments; R > 1 (HSDP) keeps R copies.
+- FSDP+EP: the routed experts of every MoE layer (the MTP modules' too) are split over E ranks: each rank's
+  n_routed_experts/E experts are sharded again over the S/E ranks that hold the same ones (torchtitan's
+  dp_shard_mod_ep: along the experts, or along their hidden dimension when there are fewer experts than ranks);
+  everything else is FSDP-sharded over S ranks.
+
+Not modelled: pipeline parallelism (the paper's 16 stages with DualPipe: this code has none, so a stage's share of
+the layers is not divided out), tensor parallelism, ZeRO-1 (the paper replicates weights and gradients across its
+data-parallel ranks and shards only the optimizer state).
 
 The "copies" column: per-parameter memory besides the master weights, gradients and moments, alive at the peak
 (the end of the forward, when every activation is saved):
@@ -37,19 +41,23 @@ The "copies" column: per-parameter memory besides the master weights, gradients 
   way) and the bf16 head.
 - FSDP: the gathered units in the compute dtype (FSDP2's MixedPrecisionPolicy: bf16 parameters under bf16-mixed
   and fp8) — the root, which FSDP2 keeps gathered from forward to backward, and two blocks (the one computing and
-  the one prefetched) — and one block's unsharded gradient in fp32 before its reduce-scatter; under fp8-blockwise
-  the FP8 copy of every block weight, quantised from the gathered weights and saved for the backward: the whole
-  model's worth on every rank whatever N. With EP, each rank's own experts are cast to the compute dtype for its
-  grouped GEMMs and that copy is saved too (under fp8 their FP8 copy instead: `ExpertParallel` runs them in FP8).
+  the one prefetched), a block's experts being the rank's n_routed_experts/E under EP — and one block's unsharded
+  gradient in fp32 before its reduce-scatter; under fp8-blockwise the FP8 copy of every block weight, quantised
+  from the gathered weights and saved for the backward: the whole model's worth on every rank whatever N (under EP,
+  of the rank's own experts). With `gradient_sync: step` and more than one micro-batch per step, FSDP2 keeps every
+  unit's unsharded gradient (fp32, the reduce dtype) from one micro-batch to the next: the whole gathered model's
+  worth, 4 bytes per parameter, instead of one block's (`micro_batch` reduce-scatters after each micro-batch).
 
 Activations: an estimate, `activation_bytes_per_token`, times micro_batch_size × seq_len tokens; the same on
 every strategy except that FSDP's bf16 parameters make the residual stream bf16 (fp32 under autocast otherwise,
 the embedding's output being fp32). Expert parallelism moves tokens to their experts' ranks: with balanced loads
 each rank computes as many expert rows as without it; an unbalanced step (MaxVio > 0) needs more on the busiest.
+Activation checkpointing (`pretrain.activation_checkpointing`, dsv3.train.recompute): a checkpointed block keeps
+only its input (the residual stream), and the backward holds one checkpointed block's activations at a time, the
+largest counted.
 
 Not counted: the CUDA context and NCCL buffers (a few GiB), allocator fragmentation, expert-parallel dispatch
-buffers, the router bias and load buffers (8 bytes per expert per MoE layer), activation checkpointing (the
-pretraining loop does not use it).
+buffers, the router bias and load buffers (8 bytes per expert per MoE layer).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from torch import nn
 from dsv3.config import PretrainSection, Recipe
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.moe import GroupedExperts, Router
+from dsv3.train.recompute import checkpointed_block_indices
 
 GiB = 1024**3
 
@@ -88,14 +97,24 @@ class Weight:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def local_numel(self, strategy: str, devices: int, expert_parallel: int) -> int:
-        """Elements one rank holds: an expert-parallel slice (n_routed_experts/E experts, not further sharded), an
-        FSDP2 shard (the first dimension split into `devices` parts, padded up), or the whole tensor (DDP)."""
+    def gathered_numel(self, expert_parallel: int) -> int:
+        """Elements a rank computes with: the whole tensor, or its n_routed_experts/E experts under EP."""
+        return self.numel // expert_parallel if self.expert else self.numel
+
+    def local_numel(self, strategy: str, devices: int, expert_parallel: int, replicate: int = 1) -> int:
+        """Elements one rank holds: the whole tensor (DDP), or an FSDP2 shard over the S = devices/replicate ranks
+        of a replica (the first dimension split into S parts, padded up); under EP a routed expert's n/E experts
+        sharded over the S/E ranks holding the same ones (along the experts, or the next dimension when fewer)."""
+        if strategy != "fsdp":
+            return self.numel
+        shard = devices // replicate
+        shape, dim = list(self.shape), 0
         if self.expert and expert_parallel > 1:
-            return self.numel // expert_parallel
-        if strategy == "fsdp":
-            return math.ceil(self.shape[0] / devices) * (self.numel // self.shape[0])
-        return self.numel
+            shape[0] //= expert_parallel
+            shard //= expert_parallel
+            dim = 1 if shard > shape[0] else 0  # dsv3.train.parallel's rule
+        shape[dim] = math.ceil(shape[dim] / shard)
+        return math.prod(shape)
 
 
 @dataclass(frozen=True)
@@ -140,8 +159,17 @@ class PlannedModel:
     precision: str
     optimizer_states_bf16: bool
     micro_batch_size: int
+    global_batch_size: int
     seq_len: int
+    gradient_sync: str
+    activation_checkpointing: str
+    activation_checkpointing_every: int
+    fsdp_replicate: int
     pretrain_defaults: bool
+
+    def accumulation(self, devices: int) -> int:
+        """Micro-batches per optimizer step on each of `devices` ranks."""
+        return max(1, self.global_batch_size // (self.micro_batch_size * devices))
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -209,7 +237,9 @@ def planned_model(recipe: Recipe) -> PlannedModel:
 
     return PlannedModel(
         config, source, model_weights(config), setting("precision"), setting("optimizer_states_bf16"),
-        setting("micro_batch_size"), recipe.data.seq_len, pretrain is None,
+        setting("micro_batch_size"), setting("global_batch_size"), recipe.data.seq_len, setting("gradient_sync"),
+        setting("activation_checkpointing"), setting("activation_checkpointing_every"), setting("fsdp_replicate"),
+        pretrain is None,
     )  # fmt: skip
 
 
@@ -281,17 +311,23 @@ def activation_bytes_per_token(config: DSV3Config, compute: int, residual: int) 
     }
 
 
-def activation_bytes(config: DSV3Config, compute: int, residual: int, tokens: int) -> int:
+def activation_bytes(
+    config: DSV3Config, compute: int, residual: int, tokens: int, checkpointed: frozenset[int] = frozenset()
+) -> int:
     """Activations of one micro-batch of `tokens` tokens (micro_batch_size × seq_len), an estimate: the per-token
-    bytes of activation_bytes_per_token summed over the dense and MoE layers, the D MTP modules (each a block of the
-    kind its index gives plus its input projection) and the 1 + D heads, plus two fp32 logit-sized tensors (the
-    gradient of the log-probabilities and of the logits) alive when the backward starts."""
+    bytes of activation_bytes_per_token summed over the blocks (the dense and MoE layers, then the D MTP modules'
+    blocks, each of the kind its index gives), the MTP modules' input projections and the 1 + D heads, plus two fp32
+    logit-sized tensors (the gradient of the log-probabilities and of the logits) alive when the backward starts.
+    `checkpointed`: indices of blocks that keep only their input (hidden_size values in the residual dtype), plus,
+    once, the largest of them recomputed in the backward."""
     per = activation_bytes_per_token(config, compute, residual)
     n, dense_layers, depth = config.num_hidden_layers, config.first_k_dense_replace, config.num_nextn_predict_layers
-    mtp_blocks = sum(per["MoE layer"] if n + k >= dense_layers else per["dense layer"] for k in range(depth))
+    blocks = [per["MoE layer"] if i >= dense_layers else per["dense layer"] for i in range(n + depth)]
+    recomputed = [blocks[i] for i in checkpointed]
     per_token = (
-        dense_layers * per["dense layer"] + (n - dense_layers) * per["MoE layer"]
-        + mtp_blocks + depth * per["MTP module"] + (1 + depth) * per["head"] + 2 * 4 * config.vocab_size
+        sum(b for i, b in enumerate(blocks) if i not in checkpointed)
+        + len(recomputed) * config.hidden_size * residual + max(recomputed, default=0)
+        + depth * per["MTP module"] + (1 + depth) * per["head"] + 2 * 4 * config.vocab_size
     )  # fmt: skip
     return int(per_token * tokens)
 
@@ -300,57 +336,67 @@ def activation_bytes(config: DSV3Config, compute: int, residual: int, tokens: in
 
 
 def copies_bytes(
-    weights: tuple[Weight, ...], sizes: BytesPerParameter, precision: str, strategy: str, devices: int, expert_parallel: int
+    weights: tuple[Weight, ...], sizes: BytesPerParameter, precision: str, strategy: str, devices: int,
+    expert_parallel: int, replicate: int = 1, accumulation: int = 1, gradient_sync: str = "step",
 ) -> int:
     """The "copies" column of the module docstring: DDP's gradient buckets and autocast / FP8 weight copies saved for
     the backward; FSDP's gathered root and two gathered blocks in the compute dtype, one block's fp32 unsharded
-    gradient, FP8 copies of every block weight and the compute-dtype copy of a rank's own experts under EP."""
+    gradient (every unit's when gradients are reduced once per step over several micro-batches) and the FP8 copy of
+    every gathered block weight. `replicate` (HSDP) changes no gathered size."""
     in_fp8 = precision.startswith("fp8-")
     mixed = precision == "bf16-mixed" or in_fp8
-
-    def local(w: Weight) -> int:
-        return w.local_numel(strategy, devices, expert_parallel)
-
-    def own_expert(w: Weight) -> bool:  # an expert-parallel slice: not FSDP's, run in the compute dtype
-        return w.expert and expert_parallel > 1
-
-    fp8_copies = sum(local(w) for w in weights if w.fp8) if in_fp8 else 0  # 1 byte each, own experts included
+    fp8_copies = sum(w.gathered_numel(expert_parallel) for w in weights if w.fp8) if in_fp8 else 0  # 1 byte each
     if strategy == "ddp":
-        buckets = sum(local(w) for w in weights) * sizes.grad if devices > 1 else 0
-        cast = sum(local(w) for w in weights if w.matmul and not (in_fp8 and w.fp8)) if mixed else 0
+        buckets = sum(w.numel for w in weights) * sizes.grad if devices > 1 else 0
+        cast = sum(w.numel for w in weights if w.matmul and not (in_fp8 and w.fp8)) if mixed else 0
         return buckets + cast * sizes.compute + fp8_copies
-    own_copies = sum(local(w) for w in weights if own_expert(w) and not (in_fp8 and w.fp8)) * sizes.compute if mixed else 0
     gathered: dict[str, int] = {}
     for w in weights:
-        if not own_expert(w):
-            gathered[w.unit] = gathered.get(w.unit, 0) + w.numel
+        gathered[w.unit] = gathered.get(w.unit, 0) + w.gathered_numel(expert_parallel)
+    everything = sum(gathered.values())
     root = gathered.pop("root", 0)
     block = max(gathered.values(), default=0)
-    return (root + 2 * block) * sizes.compute + block * 4 + fp8_copies + own_copies
+    unsharded_grads = everything if gradient_sync == "step" and accumulation > 1 else block
+    return (root + 2 * block) * sizes.compute + unsharded_grads * 4 + fp8_copies
 
 
-def row(model: PlannedModel, strategy: str, devices: int, expert_parallel: int) -> Row:
+def checkpointed_blocks(model: PlannedModel) -> frozenset[int]:
+    """The blocks pretrain.activation_checkpointing recomputes (dsv3.train.recompute's choice)."""
+    n_blocks = model.config.num_hidden_layers + model.config.num_nextn_predict_layers
+    mode, every = model.activation_checkpointing, model.activation_checkpointing_every
+    return frozenset(checkpointed_block_indices(n_blocks, mode, every))
+
+
+def row(model: PlannedModel, strategy: str, devices: int, expert_parallel: int, replicate: int = 1) -> Row:
     """The bytes one of `devices` ranks needs under `strategy` ("ddp" or "fsdp") with `expert_parallel` ranks per
-    expert group (1 = none; only with fsdp)."""
+    expert group (1 = none; only with fsdp) and `replicate` HSDP replicas (fsdp)."""
     sizes = bytes_per_parameter(model.precision, model.optimizer_states_bf16)
-    local = sum(w.local_numel(strategy, devices, expert_parallel) for w in model.weights)
+    local = sum(w.local_numel(strategy, devices, expert_parallel, replicate) for w in model.weights)
     fsdp_bf16 = strategy == "fsdp" and (model.precision == "bf16-mixed" or model.precision.startswith("fp8-"))
     residual = sizes.compute if fsdp_bf16 else sizes.weight  # FSDP's bf16 parameters: a bf16 embedding output
     tokens = model.micro_batch_size * model.seq_len
-    name = {"ddp": "DDP", "fsdp": "FSDP"}[strategy] + ("+EP" if expert_parallel > 1 else "")
+    name = {"ddp": "DDP", "fsdp": "HSDP" if replicate > 1 else "FSDP"}[strategy] + ("+EP" if expert_parallel > 1 else "")
+    copies = copies_bytes(
+        model.weights, sizes, model.precision, strategy, devices, expert_parallel, replicate,
+        model.accumulation(devices), model.gradient_sync,
+    )  # fmt: skip
     return Row(
         name, devices, expert_parallel, local,
-        params=local * sizes.weight, grads=local * sizes.grad, optimizer=local * sizes.optimizer,
-        copies=copies_bytes(model.weights, sizes, model.precision, strategy, devices, expert_parallel),
-        activations=activation_bytes(model.config, sizes.compute, residual, tokens),
+        params=local * sizes.weight, grads=local * sizes.grad, optimizer=local * sizes.optimizer, copies=copies,
+        activations=activation_bytes(model.config, sizes.compute, residual, tokens, checkpointed_blocks(model)),
     )  # fmt: skip
 
 
-def check_layout(config: DSV3Config, devices: int, expert_parallel: int, strategy: str | None) -> None:
+def check_layout(config: DSV3Config, devices: int, expert_parallel: int, strategy: str | None, replicate: int = 1) -> None:
     """One-line ValueErrors for a layout that cannot run: fewer than one device, an expert-parallel size that does
-    not divide the routed experts or the devices, or exceeds them, expert parallelism under DDP, FSDP on one device."""
+    not divide the routed experts or a replica's devices, or exceeds them, a replica count that does not divide the
+    devices, expert parallelism or HSDP under DDP, FSDP on one device."""
     if devices < 1:
         raise ValueError(f"--devices: must be at least 1 (got {devices})")
+    if replicate < 1 or devices % replicate:
+        raise ValueError(f"pretrain.fsdp_replicate / --fsdp-replicate: {replicate} must divide --devices ({devices})")
+    if replicate > 1 and strategy == "ddp":
+        raise ValueError("pretrain.fsdp_replicate / --fsdp-replicate: HSDP replicates a sharded model; pass --strategy fsdp or leave it out")
     key = "pretrain.expert_parallel / --expert-parallel"
     if expert_parallel < 1:
         raise ValueError(f"{key}: must be at least 1 (got {expert_parallel})")
@@ -358,10 +404,11 @@ def check_layout(config: DSV3Config, devices: int, expert_parallel: int, strateg
         raise ValueError(
             f"{key}: {expert_parallel} must divide model.n_routed_experts ({config.n_routed_experts})"
         )
-    if expert_parallel > devices:
-        raise ValueError(f"{key}: {expert_parallel} is larger than --devices ({devices}); E ranks hold the experts")
-    if devices % expert_parallel:
-        raise ValueError(f"{key}: {expert_parallel} must divide --devices ({devices}) into expert-parallel groups")
+    shard = devices // replicate
+    if expert_parallel > shard:
+        raise ValueError(f"{key}: {expert_parallel} is larger than --devices ({devices}) / --fsdp-replicate ({replicate}); E ranks hold the experts")
+    if shard % expert_parallel:
+        raise ValueError(f"{key}: {expert_parallel} must divide --devices ({devices}) / --fsdp-replicate ({replicate}) into expert-parallel groups")
     if expert_parallel > 1 and strategy == "ddp":
         raise ValueError(f"{key}: expert parallelism runs under strategy fsdp; pass --strategy fsdp or leave it out")
     if strategy == "fsdp" and devices == 1:
@@ -374,38 +421,43 @@ def plan(
     expert_parallel: int | None = None,
     strategy: str | None = None,
     model: PlannedModel | None = None,
+    replicate: int | None = None,
 ) -> list[Row]:
     """Per-device bytes of the recipe's pretraining on `devices` ranks: a DDP row and, on more than one device, an
     FSDP row (only the one `strategy` names, when given) and, when `expert_parallel` (default: the recipe's
-    pretrain.expert_parallel, else 1) is above 1, an FSDP+EP row. `model`: planned_model(recipe), when the caller
-    already built it. ValueError for a layout that cannot run (check_layout)."""
+    pretrain.expert_parallel, else 1) is above 1, an FSDP+EP row; `replicate` (default pretrain.fsdp_replicate)
+    above 1 makes the FSDP rows HSDP. `model`: planned_model(recipe), when the caller already built it. ValueError
+    for a layout that cannot run (check_layout)."""
     model = model or planned_model(recipe)
     if expert_parallel is None:
         expert_parallel = getattr(recipe.pretrain, "expert_parallel", 1) if recipe.pretrain is not None else 1
-    check_layout(model.config, devices, expert_parallel, strategy)
+    replicate = model.fsdp_replicate if replicate is None else replicate
+    check_layout(model.config, devices, expert_parallel, strategy, replicate)
     rows = []
-    if strategy in (None, "ddp"):
+    if strategy in (None, "ddp") and replicate == 1:
         rows.append(row(model, "ddp", devices, 1))
     if strategy == "fsdp" or (strategy is None and devices > 1):
-        rows.append(row(model, "fsdp", devices, 1))
+        rows.append(row(model, "fsdp", devices, 1, replicate))
         if expert_parallel > 1:
-            rows.append(row(model, "fsdp", devices, expert_parallel))
+            rows.append(row(model, "fsdp", devices, expert_parallel, replicate))
     return rows
 
 
-def fewest_devices(model: PlannedModel, strategy: str, expert_parallel: int, gpu_bytes: int, limit: int = 65536) -> int | None:
-    """The fewest ranks (a multiple of `expert_parallel`, at most `limit`) whose per-device total fits in `gpu_bytes`
-    under `strategy`, or None. DDP's total does not shrink with more ranks, so it fits on 1 or never; FSDP's only
-    shrinks as N grows (a binary search)."""
+def fewest_devices(
+    model: PlannedModel, strategy: str, expert_parallel: int, gpu_bytes: int, limit: int = 65536, replicate: int = 1
+) -> int | None:
+    """The fewest ranks (a multiple of `expert_parallel` × `replicate`, at most `limit`) whose per-device total fits
+    in `gpu_bytes` under `strategy`, or None. DDP's total does not shrink with more ranks, so it fits on 1 or never;
+    FSDP's only shrinks as N grows (shards shrink, micro-batches per step do not grow): a binary search."""
     if strategy == "ddp":
         return 1 if row(model, "ddp", 1, 1).total <= gpu_bytes else None
-    step = expert_parallel
+    step = expert_parallel * replicate
     low, high = (1 if step > 1 else 2), limit // step  # in units of `step`; FSDP shards over at least 2 ranks
-    if high < low or row(model, "fsdp", high * step, expert_parallel).total > gpu_bytes:
+    if high < low or row(model, "fsdp", high * step, expert_parallel, replicate).total > gpu_bytes:
         return None
     while low < high:
         middle = (low + high) // 2
-        if row(model, "fsdp", middle * step, expert_parallel).total <= gpu_bytes:
+        if row(model, "fsdp", middle * step, expert_parallel, replicate).total <= gpu_bytes:
             high = middle
         else:
             low = middle + 1
