@@ -98,6 +98,16 @@ PARALLEL_CASES = {
         "pretrain.expert_parallel: 4 must divide the world size",
     ),
     "fsdp on one process": (["pretrain.strategy=fsdp"], "pretrain.strategy: fsdp shards over several processes"),
+    "replicas that do not divide the world": (
+        ["pretrain.devices=2", "pretrain.strategy=fsdp", "pretrain.fsdp_replicate=4"],
+        "pretrain.fsdp_replicate: 4 must divide the world size devices × num_nodes (2)",
+    ),
+    "HSDP under ddp": (["pretrain.devices=2", "pretrain.fsdp_replicate=2"], "pretrain.fsdp_replicate: HSDP replicates a sharded model"),
+    "E above a replica's ranks": (
+        ["pretrain.devices=4", "pretrain.micro_batch_size=2", "pretrain.strategy=fsdp", "pretrain.fsdp_replicate=2",
+         "pretrain.expert_parallel=4"],
+        "pretrain.expert_parallel: 4 must divide the world size devices × num_nodes / fsdp_replicate (2)",
+    ),  # fmt: skip
     "EP under ddp": (["pretrain.devices=2", "pretrain.expert_parallel=2"], "pretrain.expert_parallel: expert parallelism runs under strategy fsdp"),
     "a phase batch the ranks cannot split": (
         ["pretrain.devices=4", "pretrain.micro_batch_size=2"],

@@ -142,3 +142,15 @@ def test_small_recipe_is_the_one_gpu_run():
     assert small.pretrain.precision == "bf16-mixed" and small.pretrain.accelerator == "gpu"
     assert small.pretrain.bias_update_speed == 0.001 and small.pretrain.lr_decay_start_fraction == 0.676
     assert small.pipeline.stages == list(STAGE_ORDER)
+
+
+def test_layout_settings_stay_out_of_the_pretrain_key():
+    """HSDP, gradient sync and activation checkpointing change where and how a run computes, not what: a stage run
+    with them resumes, and is skipped, as the same stage."""
+    base = load_recipe(RECIPES / "smoke.yaml")
+    layout = load_recipe(RECIPES / "smoke.yaml", [
+        "pretrain.devices=2", "pretrain.strategy=fsdp", "pretrain.fsdp_replicate=2",
+        "pretrain.gradient_sync=micro_batch", "pretrain.activation_checkpointing=selective",
+        "pretrain.activation_checkpointing_every=3",
+    ])  # fmt: skip
+    assert layout.section_hash("pretrain") == base.section_hash("pretrain")
