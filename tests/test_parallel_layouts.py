@@ -4,6 +4,7 @@ compared with one process that computes every rank's rows.
 
 - 2 ranks, EP 2: gradients reduced once per optimizer step (`gradient_sync: step`, FSDP2's
   set_requires_gradient_sync) and after every micro-batch give the same losses and weights.
+- 2 ranks, FP8 (blockwise, emulated GEMMs, bf16 autocast: the FP8 plugin's step) without and with EP 2.
 - 4 ranks, EP 2: the experts are also sharded by FSDP over the 2 ranks holding the same ones (torchtitan's
   dp_shard_mod_ep); HSDP (2 replicas × 2 shards) with EP 2 and full activation checkpointing; HSDP without EP,
   selective checkpointing, micro-batch sync.
@@ -12,6 +13,16 @@ Measured worst differences from one process (fp32, 2-core CPU, torch 2.13): loss
 weights after 3 steps ≤ 2.8e-6 (2 ranks), 9.8e-7 (experts sharded), 1.3e-6 (HSDP + EP), 1.8e-6 (HSDP); step vs
 micro_batch sync: losses 4.8e-7, weights 2.7e-6. The tests allow 5e-6: float reassociation of the reductions, amplified by AdamW's
 first steps at LR 1e-2 (a gradient entry near zero is normalised to a step of ~LR).
+
+FP8 + FSDP without EP: 1.6e-7 (weights), losses equal: each rank quantises exactly the tiles one process does for
+those rows. FP8 + FSDP + EP: losses 3.4e-3, weights 3.4e-2 (about 3 LR-sized Adam steps of entries whose gradient
+flips sign), bounded here at 5e-3 and 5e-2. The cause is EP's regrouping, not the reductions: an expert's weight
+gradient quantises its tokens in 128-token tiles starting at the expert's first token (dsv3.fp8.linear), and under
+EP those tokens are both ranks' (rank 0's then rank 1's, 16 + 16 here, in one tile), while one process computing
+each rank's rows in its own forward tiles each rank's tokens apart: other per-tile scales, other FP8 values. No
+layout without EP shows it, and only the FP8 layout with EP does. It is the FP8 noise of the weight gradient
+(E4M3 rounds to ~2^-4 relative), not an error of the layout; issue 22's 2.8e-4 gap in the final validation loss
+(smoke, 2 processes, FP8 + FSDP + EP) is consistent with it but was not re-measured here.
 """
 
 from pathlib import Path
@@ -23,6 +34,7 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from dsv3.fp8 import convert_to_fp8
 from dsv3.model import DSV3ForCausalLM
 from dsv3.train.parallel import clip_grad_norm, parallelize
 from dsv3.train.recompute import checkpoint_blocks
@@ -33,10 +45,13 @@ LM = dict(vocab_size=64, num_nextn_predict_layers=1, aux_loss_alpha=0.01, max_po
           n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1)  # fmt: skip
 MAX_NORM = 0.5
 TOLERANCE = 5e-6
+FP8_EP_BOUND = (5e-3, 5e-2)  # losses, weights: measured 3.4e-3 and 3.4e-2 (see the module docstring)
 LAYOUTS = {
     2: {
         "EP 2, gradient_sync step": dict(expert_parallel=2),
         "EP 2, gradient_sync micro_batch": dict(expert_parallel=2, gradient_sync="micro_batch"),
+        "FP8": dict(fp8=True),
+        "FP8, EP 2": dict(expert_parallel=2, fp8=True),
     },
     4: {
         "EP 2, experts sharded over 2": dict(expert_parallel=2),
@@ -51,16 +66,17 @@ def batches(world: int) -> torch.Tensor:
     return torch.randint(0, 64, (STEPS, MICRO, world, T), generator=torch.Generator().manual_seed(2))
 
 
-def new_model() -> DSV3ForCausalLM:
+def new_model(fp8: bool = False) -> DSV3ForCausalLM:
     torch.manual_seed(0)
-    return DSV3ForCausalLM(toy_config(**LM))
+    model = DSV3ForCausalLM(toy_config(**LM))
+    return convert_to_fp8(model, "emulated") if fp8 else model  # before sharding, as CausalLMTraining does
 
 
 def full(param: torch.Tensor) -> torch.Tensor:
     return param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
-def train(model, data: torch.Tensor, ranks: list[int], gradient_sync: str = "step"):
+def train(model, data: torch.Tensor, ranks: list[int], gradient_sync: str = "step", fp8: bool = False):
     """AdamW steps over `data`; this process computes the rows of `ranks` (all of them: one process) and their
     mean loss. Returns the per-rank losses (STEPS, MICRO, len(ranks)) and the final full weights."""
     sharded = isinstance(model, FSDPModule)
@@ -73,7 +89,8 @@ def train(model, data: torch.Tensor, ranks: list[int], gradient_sync: str = "ste
             total = 0.0
             for j, rank in enumerate(ranks):
                 ids = rows[rank : rank + 1]
-                out = model(input_ids=ids, labels=ids, use_cache=False)
+                with torch.autocast("cpu", torch.bfloat16, enabled=fp8):  # as the FP8 precision plugin runs the step
+                    out = model(input_ids=ids, labels=ids, use_cache=False)
                 loss = out.loss + 0.3 * out.mtp_losses.mean() + out.balance_loss
                 losses[step, i, j] = loss.detach()
                 total = total + loss
@@ -93,11 +110,12 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
     try:
         results = {}
         for name, layout in LAYOUTS[world].items():
-            model = new_model()
+            fp8 = layout.get("fp8", False)
+            model = new_model(fp8)
             checkpoint_blocks(model, layout.get("checkpointing", "none"), every=2)
             parallelize(model, world, "cpu", layout.get("expert_parallel", 1), layout.get("replicate", 1))
             experts = model.model.layers[1].mlp.experts.gate_up_proj  # first MoE layer
-            losses, weights = train(model, batches(world), [rank], layout.get("gradient_sync", "step"))
+            losses, weights = train(model, batches(world), [rank], layout.get("gradient_sync", "step"), fp8)
             results[name] = {"losses": losses, "weights": weights, "expert_shard": tuple(experts.to_local().shape)}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -114,20 +132,25 @@ def run_ranks(world: int, folder: Path) -> list[dict]:
 def runs(tmp_path_factory) -> dict[int, tuple[list[dict], tuple]]:
     """Per world size: each rank's results, and one process's (losses, weights)."""
     return {
-        world: (run_ranks(world, tmp_path_factory.mktemp(f"ranks{world}")), train(new_model(), batches(world), list(range(world))))
+        world: (
+            run_ranks(world, tmp_path_factory.mktemp(f"ranks{world}")),
+            {fp8: train(new_model(fp8), batches(world), list(range(world)), fp8=fp8) for fp8 in (False, True)},
+        )
         for world in LAYOUTS
     }
 
 
 def test_every_layout_trains_as_one_process(runs):
-    for world, (ranks, (losses, weights)) in runs.items():
-        for name in LAYOUTS[world]:
+    for world, (ranks, one_process) in runs.items():
+        for name, layout in LAYOUTS[world].items():
+            losses, weights = one_process[layout.get("fp8", False)]
+            loss_tolerance, weight_tolerance = FP8_EP_BOUND if name == "FP8, EP 2" else (TOLERANCE, TOLERANCE)
             for rank, result in enumerate(ranks):
                 ours = result[name]
                 worst_loss = float((ours["losses"][..., 0] - losses[..., rank]).abs().max())
-                assert worst_loss <= TOLERANCE, f"{name}: losses differ by {worst_loss}"
+                assert worst_loss <= loss_tolerance, f"{name}: losses differ by {worst_loss}"
                 worst = max(float((ours["weights"][k] - weights[k]).abs().max()) for k in weights)
-                assert worst <= TOLERANCE, f"{name}: weights differ by {worst}"
+                assert worst <= weight_tolerance, f"{name}: weights differ by {worst}"
 
 
 def test_gradient_sync_step_and_micro_batch_agree(runs):
