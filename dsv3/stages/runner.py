@@ -15,10 +15,13 @@ inspection — and StageFailed is raised with one line naming the check and the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +48,7 @@ from dsv3.tracking import Tracker
 
 
 MODEL = "model"  # the save_pretrained folder a training stage writes: registered in MLflow
+STAGE_LOG = "stage.log"
 
 
 class StageInputError(RuntimeError):
@@ -224,6 +228,7 @@ def run_stage(
             tracker.log_datasets(run_id, result.data)
             tracker.log_metrics(run_id, manifest.metrics)
             tracker.log_artifact(run_id, workdir / MANIFEST_NAME)
+            tracker.log_artifact(run_id, workdir / STAGE_LOG)
             for artifact in result.artifacts:
                 tracker.log_artifact(run_id, workdir / artifact, artifact_path="plots")
             tracker.set_tags(run_id, {"dsv3.checks": checks_tag(manifest)})
@@ -299,13 +304,29 @@ def checks_tag(manifest: Manifest) -> str:
     return "failed" if manifest.status == "failed" else "failed-ignored"
 
 
+@contextmanager
+def stage_log(workdir: Path) -> Iterator[None]:
+    """Every log record that reaches the root logger while the stage runs (dsv3's progress lines, Lightning's)
+    also goes to `<stage>/stage.log`, appended across attempts: the whole log, whatever the terminal shows."""
+    handler = logging.FileHandler(workdir / STAGE_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def _execute(
     name: str, module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
 ) -> StageResult:
     """Run the stage and write its manifest: running, then completed or failed (judged by its checks)."""
     write_manifest(workdir, manifest)
     try:
-        result: StageResult = module.run(recipe, workdir, inputs)
+        with stage_log(workdir):
+            result: StageResult = module.run(recipe, workdir, inputs)
         manifest.outputs = hash_outputs(workdir, result.outputs)
     except BaseException as error:
         manifest.status = "failed"
