@@ -2,8 +2,8 @@
 rerun when the recipe changes, resume a stage killed part-way from its own checkpoint."""
 
 import errno
-import logging
 import json
+import logging
 import os
 import signal
 import subprocess

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 from transformers.integrations import MLflowCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from dsv3.config import ProblemsSection

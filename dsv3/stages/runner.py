@@ -46,7 +46,6 @@ from dsv3.stages.manifest import (
 from dsv3.stages.runs import link_stage, run_root, store
 from dsv3.tracking import Tracker
 
-
 MODEL = "model"  # the save_pretrained folder a training stage writes: registered in MLflow
 STAGE_LOG = "stage.log"
 
