@@ -53,7 +53,7 @@ def main() -> None:
     expanded = DSV3ForCausalLM(config).to(dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
         expanded.save_pretrained(Path(tmp) / "ckpt")
-        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf", with_tokenizer=False)
         theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).eval()
     absorbed = expanded  # one dsv3 model, switched between the two attention paths before each step
     models = {

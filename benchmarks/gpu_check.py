@@ -418,7 +418,7 @@ def part_decode(part: Part) -> None:
     ours = DSV3ForCausalLM(config).to(torch.bfloat16).eval()
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(Path(tmp) / "ckpt")
-        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf", with_tokenizer=False)
         theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.bfloat16).to(device).eval()
     ours = absorb_attention(ours.to(device))
     models = {"dsv3 absorbed": ours, "transformers DeepseekV3": theirs}

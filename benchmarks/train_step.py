@@ -85,7 +85,7 @@ def main() -> None:
     ours = DSV3ForCausalLM(DSV3Config(**CONFIG))
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(Path(tmp) / "ckpt")
-        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf", with_tokenizer=False)
         models = {
             "dsv3 DSV3ForCausalLM": ours,
             **({} if args.no_compile else {"dsv3 DSV3ForCausalLM, compiled blocks": compile_blocks(copy.deepcopy(ours))}),

@@ -113,13 +113,14 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
 
     export = sub.add_parser(
         "export-hf",
-        help="write a checkpoint as a transformers deepseek_v3 directory",
-        description="Convert a dsv3 save_pretrained directory into one that "
-        "transformers.AutoModelForCausalLM.from_pretrained loads as deepseek_v3 (MTP layers after the last layer).",
+        help="write a model folder as a transformers deepseek_v3 directory",
+        description="Convert a stage's model folder into a deepseek_v3 directory that AutoModelForCausalLM, "
+        "AutoTokenizer, lm-eval and TRL load as written on transformers 5 and 4.x: config, weights "
+        "(MTP layers in mtp.safetensors), generation config, tokenizer and chat template.",
         epilog="example:\n  dsv3 export-hf runs/tiny/latest/pretrain/model /tmp/tiny-deepseek-v3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("ckpt", help="dsv3 checkpoint directory (save_pretrained output)")
+    export.add_argument("ckpt", help="dsv3 model folder with its tokenizer (a stage's model/)")
     export.add_argument("out", help="output directory")
     export.set_defaults(handler=_export_hf)
 

@@ -7,20 +7,31 @@ store that MLflow 3 rejects, so the URI is always passed explicitly). Artifacts 
 
 While a stage runs, MLFLOW_TRACKING_URI and MLFLOW_RUN_ID point at its nested run, so whatever the stage
 uses to log — Lightning's MLFlowLogger, transformers' MLflowCallback under TRL, a torchrun subprocess —
-lands in that run without the stage knowing about the pipeline.
+lands in that run without the stage knowing about the pipeline; MLflow's system-metrics monitor samples the
+machine (CPU, memory, disk, network, GPU where pynvml finds one) into it every 10 s. The datasets a stage read are
+its run's inputs (`mlflow.data`: name, digest, source, schema); the model it wrote is a new version of the registered
+model `dsv3-<recipe>-<stage>` (`models:/dsv3-<recipe>-<stage>/latest` is the newest).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dsv3.errors import disk_full
 
@@ -28,6 +39,16 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # vs "genai_development"
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens in its GenAI view without it
 MAX_PARAM_LENGTH = 6000
+SYSTEM_METRICS_INTERVAL_S = 10  # MLflow's default: a stage shorter than this logs no sample
+
+
+def dataset_source(source: str) -> DatasetSource:
+    """`hf:<name>` -> a Hugging Face dataset, an existing path -> its file URI, else the code that generated it."""
+    if source.startswith("hf:"):
+        return HuggingFaceDatasetSource(path=source.removeprefix("hf:"))
+    if Path(source).exists():
+        return resolve_dataset_source(Path(source).resolve().as_uri())
+    return CodeDatasetSource(tags={"mlflow.source.name": source})
 
 
 def tracking_uri(runs_dir: str | Path) -> str:
@@ -157,3 +178,45 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """MLflow's system-metrics monitor (psutil; GPUs through pynvml where present) logging into the run."""
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def log_datasets(self, run_id: str, data: Mapping[str, Any]) -> None:
+        """Each dataset (name -> an object with `rows`, `source`, `context`) as a run input: digest, source, schema
+        and row count, as `mlflow.data` records them."""
+        with warnings.catch_warnings():  # MLflow 3.17 warns about its own calls: a positional DataFrame.all in the
+            # digest (pandas 3), and a file URI that both its "" and "file" local sources accept (the same class)
+            warnings.filterwarnings("ignore", message="Starting with pandas version 4.0", module="mlflow")
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            inputs = [self._dataset_input(name, d) for name, d in data.items()]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    @staticmethod
+    def _dataset_input(name: str, data: Any) -> DatasetInput:
+        return DatasetInput(
+            mlflow.data.from_huggingface(data.rows, name=name, source=dataset_source(data.source))._to_mlflow_entity(),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, data.context)],
+        )
+
+    def register_model(self, run_id: str, name: str, folder: str | Path, tags: Mapping[str, str]) -> int:
+        """A new version of registered model `name` (created on first use) from `folder`, linked to the run that
+        wrote it and tagged; returns the version. `models:/<name>/latest` is the newest (MLflow reserves the alias
+        name `latest` for exactly that)."""
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            name, source=Path(folder).resolve().as_uri(), run_id=run_id, tags=dict(tags)
+        )
+        return version.version

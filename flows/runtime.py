@@ -69,6 +69,7 @@ def prefect_api(runs_dir: Path) -> Iterator[str]:
         _wait_until_healthy(server, url, home / SERVER_LOG)
         with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
             _quiet_empty_tracebacks()
+            one_console_for_lightning()
             try:
                 yield url
             finally:
@@ -141,6 +142,20 @@ class _NoEmptyTraceback(logging.Filter):
         if record.exc_info and record.exc_info[0] is None:
             record.exc_info = None
         return True
+
+
+def one_console_for_lightning() -> None:
+    """Lightning's loggers get console handlers of their own on import (`lightning`, and `lightning.pytorch` /
+    `lightning.fabric` when the root logger had none yet) and still propagate to the root logger, where Prefect's
+    console handler prints the same record again: keep Prefect's (one line, timestamped, like the flow's)."""
+    import lightning.pytorch  # noqa: F401 - adds those handlers on import
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _quiet_empty_tracebacks() -> None:

@@ -245,9 +245,11 @@ def test_bad_generation_options(option, needle, checkpoint, capsys):
     one_line_exit_2(capsys, ["generate", str(checkpoint), "--prompt", "x", *option], needle)
 
 
-@pytest.mark.parametrize("how", ["no-config", "config-not-json", "other-model-type", "truncated-weights", "pickle-only"])
+@pytest.mark.parametrize(
+    "how", ["no-config", "config-not-json", "other-model-type", "truncated-weights", "pickle-only", "no-tokenizer"]
+)
 def test_bad_checkpoint_for_export(how, checkpoint, tmp_path, capsys):
-    one_line_exit_2(capsys, ["export-hf", broken_copy(checkpoint, tmp_path, how), str(tmp_path / "out")])
+    one_line_exit_2(capsys, ["export-hf", broken_copy(checkpoint, tmp_path, how), str(tmp_path / "out")], CHECKPOINT_CASES[how])
     assert not (tmp_path / "out").exists()
 
 

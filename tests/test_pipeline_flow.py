@@ -3,6 +3,7 @@ a deleted output, and records one parent and one nested MLflow run per stage tha
 
 import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def test_flow_runs_skips_and_rebuilds(runs_dir):
     assert stage_run.data.metrics["bytes_per_token_validation"] > 1.0
     assert stage_run.info.status == "FINISHED"
     assert read_manifest(tokenizer_dir).mlflow_run_id == stage_run.info.run_id
+    (corpus,) = stage_run.inputs.dataset_inputs  # the documents it trained on, as a run input
+    assert corpus.dataset.name == "corpus" and corpus.dataset.digest
+    assert Path(sysconfig.get_paths()["stdlib"]).resolve().as_uri() in corpus.dataset.source  # smoke reads the stdlib
 
     second = pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir))
     assert [r["action"] for r in second] == ["skipped"]
@@ -131,3 +135,12 @@ def test_mlflow_compares_two_pipeline_runs_by_their_parent_runs(runs_dir):
     pretrains = [r for r in runs if r.data.tags.get("dsv3.stage") == "pretrain"]
     assert len(tokenizers) == len(pretrains) == 2
     assert {r.data.tags["dsv3.input.tokenizer"] for r in pretrains} == tokenizers  # each names its own input
+    for run in pretrains:
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "validation"}
+    # each pretraining's model is a version of one registered model, linked to its run, tagged with its folders
+    versions = client.search_model_versions("name = 'dsv3-smoke-pretrain'")
+    assert {v.run_id for v in versions} == {r.info.run_id for r in pretrains}
+    assert {v.tags["dsv3.run_folder"] for v in versions} == set(table["tags.dsv3.run_folder"])
+    for v in versions:
+        assert Path(v.tags["dsv3.stage_folder"]).as_uri() + "/model" == v.source and v.tags["dsv3.stage_key"]
+    assert client.search_registered_models("name = 'dsv3-smoke-tokenizer'") == []  # a tokenizer is no model

@@ -3,6 +3,7 @@ rerun when the recipe changes, resume a stage killed part-way from its own check
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from dsv3.errors import StageFailed, TrainingDiverged
 from dsv3.stages import StageResult, get_stage
 from dsv3.stages import runner as runner_module
 from dsv3.stages.manifest import MANIFEST_NAME, read_manifest
-from dsv3.stages.runner import StageInputError, run_stage
+from dsv3.stages.runner import STAGE_LOG, StageInputError, run_stage
 from dsv3.stages.runs import run_root
 from tests.conftest import RECIPES
 
@@ -274,3 +275,17 @@ def test_an_edited_local_corpus_reruns_the_real_tokenizer_stage(runs_dir, tmp_pa
     assert run_stage("tokenizer", recipe, runs_dir).action == "skipped"
     (corpus / "doc3.txt").write_text("class Edited:\n    pass\n" * 40)
     assert run_stage("tokenizer", recipe, runs_dir).action == "ran"
+
+
+def test_a_stages_log_records_are_kept_in_its_folder(stage, runs_dir, monkeypatch):
+    run = stage.run
+
+    def logging_run(recipe, workdir, inputs):
+        logging.getLogger("dsv3.train").warning("step 10/10: loss 1.25")
+        return run(recipe, workdir, inputs)
+
+    monkeypatch.setattr(stage, "run", logging_run)
+    handlers = list(logging.getLogger().handlers)
+    outcome = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs_dir)
+    assert "WARNING dsv3.train: step 10/10: loss 1.25" in (outcome.workdir / STAGE_LOG).read_text()
+    assert logging.getLogger().handlers == handlers  # the file is let go when the stage ends

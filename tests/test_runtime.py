@@ -61,3 +61,22 @@ def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
     assert servers_of(runs_dir) == []
     manifest = read_manifest(root / "pretrain")
     assert manifest.status == "failed" and manifest.failure["kind"] == "interrupted"
+
+
+def test_lightning_lines_print_once_and_without_advertisements(capfd, tmp_path):
+    """Lightning's own console handler and Prefect's (on the root logger) would each print its records."""
+    import lightning.pytorch as pl
+    from prefect.logging.configuration import setup_logging
+
+    from dsv3.config import PretrainSection
+    from dsv3.train.fit import build_trainer
+    from dsv3.train.settings import LoopSettings
+    from flows.runtime import one_console_for_lightning
+
+    setup_logging()
+    one_console_for_lightning()
+    build_trainer(LoopSettings.from_pretrain(PretrainSection(steps=1, global_batch_size=2, micro_batch_size=2)), tmp_path, 1, 1, [], False)
+    pl.utilities.rank_zero_info("one record")
+    err = capfd.readouterr().err
+    assert err.count("one record") == 1 and "| INFO    | lightning.pytorch.utilities.rank_zero - one record" in err
+    assert err.count("GPU available") == 1 and "litlogger" not in err and "Tip" not in err

@@ -1,6 +1,8 @@
 """MLflow tracking: the store's location, nested runs, and the environment a stage logs through."""
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -51,3 +53,53 @@ def test_fluent_api_follows_the_stage_store(tmp_path, monkeypatch):
         with mlflow.start_run():
             mlflow.log_metric("loss", 1.0)
     assert MlflowClient(tracker.uri).get_run(run_id).data.metrics == {"loss": 1.0}
+
+
+def test_a_model_folder_is_a_new_registered_version_and_latest_loads_it(tmp_path):
+    import mlflow
+
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    versions = []
+    for attempt in ("a", "b"):
+        (tmp_path / attempt).mkdir()
+        (tmp_path / attempt / "config.json").write_text(attempt)
+        with tracker.stage_run("sft", {}) as run_id:
+            versions.append(tracker.register_model(run_id, "dsv3-smoke-sft", tmp_path / attempt, {"dsv3.stage_key": attempt}))
+    assert versions == [1, 2]
+    version = MlflowClient(tracker.uri).get_model_version("dsv3-smoke-sft", "2")
+    assert version.run_id == run_id and version.tags == {"dsv3.stage_key": "b"}
+    mlflow.set_registry_uri(tracker.uri)
+    latest = mlflow.artifacts.download_artifacts("models:/dsv3-smoke-sft/latest", dst_path=str(tmp_path / "got"))
+    assert (Path(latest) / "config.json").read_text() == "b"
+
+
+def test_datasets_are_run_inputs_with_digest_source_and_context(tmp_path):
+    import datasets
+
+    from dsv3.stages import StageData
+
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello")
+    data = {
+        "train": StageData(datasets.Dataset.from_dict({"text": ["a", "b"]}), str(corpus)),
+        "prompts": StageData(datasets.Dataset.from_dict({"prompt": ["c"]}), "dsv3.data.math_tasks.rl_example", "evaluation"),
+    }
+    with tracker.stage_run("rl", {}) as run_id:
+        tracker.log_datasets(run_id, data)
+    inputs = {d.dataset.name: d for d in MlflowClient(tracker.uri).get_run(run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"train", "prompts"}
+    train, prompts = inputs["train"], inputs["prompts"]
+    assert train.dataset.digest and train.dataset.digest != prompts.dataset.digest
+    assert corpus.as_uri() in train.dataset.source and "rl_example" in prompts.dataset.source
+    assert {t.key: t.value for t in prompts.tags}["mlflow.data.context"] == "evaluation"
+    assert '"num_rows": 2' in train.dataset.profile
+
+
+def test_system_metrics_are_sampled_into_the_stage_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    with tracker.stage_run("pretrain", {}) as run_id, tracker.system_metrics(run_id):
+        time.sleep(1.0)
+    metrics = MlflowClient(tracker.uri).get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics

@@ -14,6 +14,7 @@ identical files) always share a split: nothing in validation was seen verbatim i
 import hashlib
 import inspect
 import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -272,6 +273,17 @@ def recipe_data_files(data: DataSection) -> list[str]:
     if data.source == "hf" and data.hf_name and Path(data.hf_name).expanduser().exists():
         return [str(Path(data.hf_name).expanduser())]
     return []
+
+
+def corpus_source(data: DataSection) -> str:
+    """Where the recipe's documents come from (MLflow's dataset source): the stdlib folder, the local files' common
+    folder (or the one file), or `hf:<name>` for a dataset on the Hub."""
+    if data.source == "stdlib":
+        return sysconfig.get_paths()["stdlib"]
+    files = recipe_data_files(data)
+    if files:
+        return os.path.commonpath([str(Path(f).expanduser().resolve()) for f in files])
+    return f"hf:{data.hf_name}"
 
 
 def capped_texts(split: datasets.Dataset, max_bytes: int | None) -> list[str]:

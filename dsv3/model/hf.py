@@ -4,7 +4,8 @@ Our state dict already uses DeepSeek's HF names except for the routed experts, s
 (`mlp.experts.gate_up_proj` (E, 2I, C), `mlp.experts.down_proj` (E, C, I)); a `deepseek_v3` directory holds them per
 expert (`mlp.experts.{j}.{gate,up,down}_proj.weight`), which transformers merges on load. MTP modules sit at
 `model.layers.{num_hidden_layers + k}` in both; on export they also get the copies of the embedding and head that
-DeepSeek's checkpoints carry (`embed_tokens`, `shared_head.head`), dropped again on import. The router bias stays fp32.
+DeepSeek's checkpoints carry (`embed_tokens`, `shared_head.head`), dropped again on import, and are written to their
+own file (mtp.safetensors) that transformers does not load. The router bias stays fp32.
 """
 
 import dataclasses
@@ -30,6 +31,13 @@ SHARED_FIELDS = tuple(
 )
 EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 MTP_COPY_KEY = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def layer_index(key: str) -> int:
+    """The block a weight belongs to (`model.layers.{i}.…`), -1 for embedding, final norm and head."""
+    match = LAYER_KEY.match(key)
+    return int(match.group(1)) if match else -1
 
 
 def read_config_json(directory: str | Path) -> dict:
@@ -177,15 +185,62 @@ def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a transformers `deepseek_v3` directory (config.json + model.safetensors) from a dsv3 checkpoint."""
+def legacy_rope_keys(rope_parameters: dict) -> dict:
+    """transformers 4.x's spelling of RoPE: `rope_theta`, and for YaRN `rope_scaling` (type yarn). 4.x reads no
+    `rope_parameters`: without these keys it silently runs plain RoPE on a YaRN model."""
+    keys = {"rope_theta": rope_parameters["rope_theta"]}
+    if rope_parameters.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+        keys["rope_scaling"] = {"type": scaling["rope_type"], **scaling}
+    return keys
+
+
+def tokenizer_config(tokenizer, model_max_length: int) -> dict:
+    """tokenizer_config.json that transformers 4.x and 5.x both load: `PreTrainedTokenizerFast` with
+    `additional_special_tokens` and the chat template inline (5.x's `TokenizersBackend` class and
+    `extra_special_tokens` list do not load on 4.x)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "additional_special_tokens": list(tokenizer.extra_special_tokens),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": tokenizer.chat_template,
+    }
+
+
+def write_tokenizer(ckpt_dir: Path, out: Path, model_max_length: int) -> None:
+    """The checkpoint's tokenizer.json and chat template as a folder both transformers 4.x and 5.x load."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt_dir)
+    shutil.copy2(ckpt_dir / "tokenizer.json", out / "tokenizer.json")
+    config = tokenizer_config(tokenizer, model_max_length)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, with_tokenizer: bool = True) -> Path:
+    """Write a transformers `deepseek_v3` directory from a dsv3 checkpoint, whole or not at all: config.json (RoPE in
+    both spellings, `legacy_rope_keys`), model.safetensors, generation_config.json and the tokenizer — what
+    AutoTokenizer, AutoModelForCausalLM, lm-eval and TRL read, on transformers 4.x and 5.x. The MTP layers go to
+    mtp.safetensors: transformers' DeepseekV3 skips MTP weights only at layer 61 (the 671B model) and reports
+    every other one as UNEXPECTED; `import_hf` reads them back. `with_tokenizer=False` (benchmarks of random
+    weights) writes the model alone."""
+    ckpt_dir, out = Path(ckpt_dir), Path(out_dir)
     check_dsv3_checkpoint(ckpt_dir)
-    out = Path(out_dir)
+    if with_tokenizer and not (ckpt_dir / "tokenizer.json").is_file():
+        raise ValueError(
+            f"no tokenizer.json in {ckpt_dir}: export a stage's model folder (runs/<recipe>/<stage>/model), "
+            "which holds the tokenizer"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: pass a folder to write the deepseek_v3 checkpoint into")
     model = DSV3ForCausalLM.from_pretrained(ckpt_dir)
     config = model.config
     hf_config = to_deepseek_v3_config(config)
+    hf_config.dtype = model.dtype
     state = unstack_experts({k: v.detach() for k, v in model.state_dict().items()})
     state["lm_head.weight"] = model.lm_head.weight.detach()
     n = config.num_hidden_layers
@@ -194,14 +249,22 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
         state[f"model.layers.{n + k}.shared_head.head.weight"] = model.lm_head.weight.detach()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    out.mkdir(parents=True, exist_ok=True)
-    hf_config.dtype = model.dtype
-    hf_config.save_pretrained(out)
-    save_file(
-        {k: v.contiguous().clone() for k, v in state.items()},
-        out / "model.safetensors",
-        metadata={"format": "pt"},
-    )
+    mtp = {k: v for k, v in state.items() if layer_index(k) >= n}
+    with atomic_dir(out) as partial:
+        hf_config.save_pretrained(partial)
+        raw = json.loads((partial / "config.json").read_text(encoding="utf-8"))
+        raw.update(legacy_rope_keys(config.rope_parameters))
+        (partial / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name, tensors in (("model", {k: v for k, v in state.items() if k not in mtp}), ("mtp", mtp)):
+            if tensors:
+                save_file(
+                    {k: v.contiguous().clone() for k, v in tensors.items()},
+                    partial / f"{name}.safetensors",
+                    metadata={"format": "pt"},
+                )
+        if with_tokenizer:
+            model.generation_config.save_pretrained(partial)
+            write_tokenizer(ckpt_dir, partial, config.max_position_embeddings)
     return out
 
 
@@ -214,11 +277,7 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     state = read_safetensors(src_dir)
     n = raw["num_hidden_layers"]
     state = {k: v for k, v in state.items() if not MTP_COPY_KEY.match(k)}
-    mtp_layers = {
-        int(m.group(1))
-        for k in state
-        if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n
-    }
+    mtp_layers = {layer_index(k) for k in state if layer_index(k) >= n}
     config = from_deepseek_v3_config(raw, n_mtp_layers=len(mtp_layers))
     dtype = state["model.embed_tokens.weight"].dtype
     model = DSV3ForCausalLM(config).to(dtype)

@@ -19,19 +19,32 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from dsv3.config import STAGE_ORDER
 from dsv3.errors import InputError
 
 
 @dataclass
+class StageData:
+    """A dataset a stage read, for MLflow's run inputs: its rows (a `datasets.Dataset`), where they came from (a
+    local file or folder, `hf:<name>`, or the dsv3 function that generated them) and the context it was read in."""
+
+    rows: Any
+    source: str
+    context: str = "training"
+
+
+@dataclass
 class StageResult:
-    """What a stage hands back: outputs later stages read, metrics, and artifacts (plots) to log."""
+    """What a stage hands back: outputs later stages read, metrics, artifacts (plots) to log, and the datasets it
+    read (name -> StageData)."""
 
     outputs: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     summary: str = ""
+    data: dict[str, StageData] = field(default_factory=dict)
 
 
 def available_stages() -> list[str]:

@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from tokenizers import Tokenizer
 
 from dsv3.config import ExtendPhase, Recipe
-from dsv3.data.corpus import capped_texts, recipe_corpus, recipe_data_files
+from dsv3.data.corpus import capped_texts, corpus_source, recipe_corpus, recipe_data_files
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
 from dsv3.eval.induction import copy_losses, copy_probe_rows
@@ -42,7 +42,7 @@ from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatma
 from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
-from dsv3.stages import StageResult
+from dsv3.stages import StageData, StageResult
 from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
 from dsv3.stages.runs import shared_cache
 from dsv3.tracking import stage_run
@@ -112,9 +112,10 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         recipe,
     )
     eval_seconds += time.perf_counter() - started
-    return stage_result(
-        recipe, workdir, before, after, history, resumed_from, offset, train_seconds, eval_seconds
-    )
+    result = stage_result(recipe, workdir, before, after, history, resumed_from, offset, train_seconds, eval_seconds)
+    source = corpus_source(recipe.data)  # the documents every phase packs at its own length
+    result.data = {"corpus": StageData(corpus["train"], source), "validation": StageData(corpus["validation"], source, "validation")}
+    return result
 
 
 def check_recipe(recipe: Recipe) -> None:

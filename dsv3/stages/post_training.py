@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import MLflowCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from dsv3.config import ProblemsSection
@@ -70,8 +71,17 @@ class ProgressLog(TrainerCallback):
         PROGRESS.info("%s step %d/%d: %s", self.stage, state.global_step, state.max_steps, shown)
 
 
+class ProgressBar(ProgressCallback):
+    """transformers' progress bar without the log dicts it prints: ProgressLog logs each step once."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 def attach_logging(trainer: Trainer, stage: str) -> Trainer:
     """Progress lines always; metrics into the stage's MLflow run when one is open (dsv3.tracking.stage_run)."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar)
     trainer.add_callback(ProgressLog(stage))
     if stage_run():
         trainer.add_callback(MLflowUnderTrain())

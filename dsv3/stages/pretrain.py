@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from dsv3.config import Recipe
-from dsv3.data.corpus import recipe_corpus, recipe_data_files
+from dsv3.data.corpus import corpus_source, recipe_corpus, recipe_data_files
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.mixture import mixture_rows
 from dsv3.data.tokenizer import BOS, EOS, PAD, load_tokenizer, token_byte_lengths
@@ -40,7 +40,7 @@ from dsv3.eval.acceptance import acceptance_prompts, mtp_acceptance
 from dsv3.eval.induction import copy_losses, copy_probe_rows
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
-from dsv3.stages import StageResult
+from dsv3.stages import StageData, StageResult
 from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
 from dsv3.stages.runs import shared_cache
 from dsv3.tracking import stage_run
@@ -277,4 +277,6 @@ def stage_result(
         f"{metrics['induction_gain']:.2f} nats"
         + (f", MTP draft acceptance {metrics['mtp_acceptance']:.1%}." if "mtp_acceptance" in metrics else ".")
     )
-    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary)
+    source = corpus_source(recipe.data)
+    data = {"train": StageData(rows.train, source), "validation": StageData(rows.validation, source, "validation")}
+    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary, data=data)

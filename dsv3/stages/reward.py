@@ -43,7 +43,7 @@ from dsv3.eval.rewards import RewardModelScore  # noqa: E402
 from dsv3.io import write_json_atomic  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.model.hf import save_model_folder  # noqa: E402
-from dsv3.stages import StageResult  # noqa: E402
+from dsv3.stages import StageData, StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
@@ -112,7 +112,11 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         f"on {len(pairs['heldout'])} pairs ({kinds}); SFT samples judged wrong: "
         f"{pairs['sft_samples_wrong_rate']:.0%}."
     )
-    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[PLOT], summary=summary)
+    data = {
+        "pairs": StageData(datasets.Dataset.from_list(pairs["train"]), str(workdir / PAIRS)),
+        "heldout_pairs": StageData(datasets.Dataset.from_list(pairs["heldout"]), str(workdir / PAIRS), "evaluation"),
+    }
+    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[PLOT], summary=summary, data=data)
 
 
 def check_recipe(recipe: Recipe) -> RewardSection:

@@ -38,7 +38,7 @@ from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_reward  # noqa: E402
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
 from dsv3.model.hf import save_model_folder  # noqa: E402
-from dsv3.stages import StageResult  # noqa: E402
+from dsv3.stages import StageData, StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
@@ -103,6 +103,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         metrics=metrics,
         artifacts=[PLOT],
         summary=summary(cfg, metrics, scores, len(heldout)),
+        data={"prompts": StageData(trainer.train_dataset, "dsv3.data.math_tasks.rl_example")},
     )
 
 

@@ -15,10 +15,13 @@ inspection — and StageFailed is raised with one line naming the check and the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +45,9 @@ from dsv3.stages.manifest import (
 )
 from dsv3.stages.runs import link_stage, run_root, store
 from dsv3.tracking import Tracker
+
+MODEL = "model"  # the save_pretrained folder a training stage writes: registered in MLflow
+STAGE_LOG = "stage.log"
 
 
 class StageInputError(RuntimeError):
@@ -216,14 +222,29 @@ def run_stage(
         lineage = {f"dsv3.input.{u}": (read_manifest(folder) or manifest).mlflow_run_id or "" for u, folder in inputs.items()}
         with tracker.stage_run(name, params, tags={"dsv3.output_dir": str(workdir), **lineage}) as run_id:
             manifest.mlflow_run_id = run_id
-            result = _execute(name, module, recipe, workdir, inputs, manifest)
+            with tracker.system_metrics(run_id):
+                result = _execute(name, module, recipe, workdir, inputs, manifest)
+            tracker.log_datasets(run_id, result.data)
             tracker.log_metrics(run_id, manifest.metrics)
             tracker.log_artifact(run_id, workdir / MANIFEST_NAME)
+            tracker.log_artifact(run_id, workdir / STAGE_LOG)
             for artifact in result.artifacts:
                 tracker.log_artifact(run_id, workdir / artifact, artifact_path="plots")
             tracker.set_tags(run_id, {"dsv3.checks": checks_tag(manifest)})
             raise_if_failed(manifest)  # inside the run: MLflow marks it FAILED
+            if (workdir / MODEL).is_dir():
+                tracker.register_model(run_id, registered_name(recipe, name), workdir / MODEL, model_tags(root, workdir, key))
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
+
+
+def registered_name(recipe: Recipe, stage: str) -> str:
+    """The MLflow registered model a stage's model is a version of."""
+    return f"dsv3-{recipe.name}-{stage}"
+
+
+def model_tags(root: Path, workdir: Path, key: StageKey) -> dict[str, str]:
+    """Tags of a registered model version: the run (variant) folder, the stage's own folder and its key."""
+    return {"dsv3.run_folder": str(root), "dsv3.stage_folder": str(workdir), "dsv3.stage_key": key.digest()}
 
 
 def stage_folder(runs_dir, name: str, key: StageKey, fixed: str, current: Path) -> tuple[Path, Manifest | None]:
@@ -282,13 +303,29 @@ def checks_tag(manifest: Manifest) -> str:
     return "failed" if manifest.status == "failed" else "failed-ignored"
 
 
+@contextmanager
+def stage_log(workdir: Path) -> Iterator[None]:
+    """Every log record that reaches the root logger while the stage runs (dsv3's progress lines, Lightning's)
+    also goes to `<stage>/stage.log`, appended across attempts: the whole log, whatever the terminal shows."""
+    handler = logging.FileHandler(workdir / STAGE_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def _execute(
     name: str, module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
 ) -> StageResult:
     """Run the stage and write its manifest: running, then completed or failed (judged by its checks)."""
     write_manifest(workdir, manifest)
     try:
-        result: StageResult = module.run(recipe, workdir, inputs)
+        with stage_log(workdir):
+            result: StageResult = module.run(recipe, workdir, inputs)
         manifest.outputs = hash_outputs(workdir, result.outputs)
     except BaseException as error:
         manifest.status = "failed"

@@ -36,7 +36,7 @@ from dsv3.data.math_tasks import sft_example  # noqa: E402
 from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
 from dsv3.model import DSV3ForCausalLM  # noqa: E402
 from dsv3.model.hf import save_model_folder  # noqa: E402
-from dsv3.stages import StageResult  # noqa: E402
+from dsv3.stages import StageData, StageResult  # noqa: E402
 from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
 from dsv3.stages.post_training import (  # noqa: E402
     ResumeStep,
@@ -114,7 +114,9 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         f"{scores['mean_completion_tokens']:.0f} tokens per answer ({scores['truncated_rate']:.0%} at the "
         f"{cfg.eval_max_new_tokens}-token limit) on {len(heldout)} problems."
     )
-    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[LOSS_PLOT], summary=summary)
+    source = "dsv3.data.math_tasks.sft_example" + "".join(f" + {path}" for path in cfg.chat_data)
+    data = {"conversations": StageData(rows, source)}
+    return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[LOSS_PLOT], summary=summary, data=data)
 
 
 def check_recipe(recipe: Recipe) -> SftSection:

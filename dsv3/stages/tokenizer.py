@@ -13,10 +13,10 @@ from pathlib import Path
 
 from dsv3.config import Recipe
 from dsv3.data.chat import CHAT_TEMPLATE
-from dsv3.data.corpus import capped_texts, recipe_corpus, recipe_data_files
+from dsv3.data.corpus import capped_texts, corpus_source, recipe_corpus, recipe_data_files
 from dsv3.data.mixture import tokenizer_texts
 from dsv3.data.tokenizer import bytes_per_token, save_tokenizer, train_tokenizer, vocab_usage
-from dsv3.stages import StageResult
+from dsv3.stages import StageData, StageResult
 
 SECTIONS = ("data", "tokenizer")
 INPUTS = ()
@@ -57,4 +57,5 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         f"({metrics['train_bytes'] / 1e6:.1f} MB) in {train_seconds:.1f}s: "
         f"{metrics['bytes_per_token_validation']:.2f} bytes/token on held-out text."
     )
-    return StageResult(outputs=[OUTPUT], metrics=metrics, summary=summary)
+    data = {"corpus": StageData(corpus["train"], corpus_source(recipe.data))}
+    return StageResult(outputs=[OUTPUT], metrics=metrics, summary=summary, data=data)

@@ -11,6 +11,7 @@ count give bit-identical losses and weights.
 
 from __future__ import annotations
 
+import logging
 import signal
 import warnings
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ def fit(
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")  # we want post-step
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resuming
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # val/loss is summed over the ranks already
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning 2.6 on torch 2.13
     seq_len = train_rows.features["input_ids"].length
     if seq_len < 1:
         raise ValueError("fit: the rows' input_ids feature has no fixed length; build the dataset with a fixed-length List feature")
@@ -128,6 +130,16 @@ def accelerator(settings: LoopSettings) -> str:
     return settings.accelerator if settings.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
 
 
+class NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" records: each Trainer advertises litlogger / litmodels once it is built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+NO_TIPS = NoTips()
+
+
 def build_trainer(
     settings: LoopSettings, folder: Path, steps: int, accumulation: int, callbacks: list, logger
 ) -> L.Trainer:
@@ -145,6 +157,7 @@ def build_trainer(
         strategy = DDPStrategy(process_group_backend=backend, broadcast_buffers=False)
     else:
         strategy = "auto"
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NO_TIPS)
     return L.Trainer(
         accelerator=device,
         devices=settings.devices,
