@@ -156,8 +156,8 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         "runs",
         help="list the runs: recipe, variant, overrides, each stage's status, headline metrics",
         description="List every variant folder under --runs-dir, newest first: recipe/variant, when it last ran, its "
-        "overrides, each stage's status (completed, failed, running; * = a health check failed but was not enforced) "
-        "and a few headline metrics.",
+        "overrides, each stage's status (completed, failed, interrupted, running; * = a health check failed but was not "
+        "enforced), why a stage failed (the check and its measured value) and a few headline metrics.",
         epilog="example:\n  dsv3 runs --runs-dir runs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -292,6 +292,9 @@ def _runs(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         print(f"{run.label}  ({updated}; overrides: {' '.join(run.info.get('overrides') or []) or 'none'})")
         print(f"    {stages}")
+        for name in run.manifests:
+            if reason := run.reason(name):
+                print(f"    {name}: {run.status(name)} ({reason})")
         if shown:
             print(f"    {shown}")
 

@@ -31,14 +31,25 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+)
 
-from dsv3.errors import disk_full
+from dsv3.errors import classify, disk_full
 
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = MLFLOW_PARENT_RUN_ID
+GIT_COMMIT_TAG = MLFLOW_GIT_COMMIT  # MLflow shows it as the run's "Git commit"
+NOTE_TAG = MLFLOW_RUN_NOTE  # the run's description in the UI
+FAILURE_TAG = "dsv3.failure"  # why the run failed or was killed: one line
+PIPELINE_RUNS_TAG = "dsv3.pipeline_runs"
+REUSED_RUN_TAG = "dsv3.reused_run"  # on a link run: the stage run whose outputs a parent run reused  # how many pipeline runs a parent run stands for
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # vs "genai_development"
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens in its GenAI view without it
-MAX_PARAM_LENGTH = 6000
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PARAMS_PER_BATCH = 100  # MLflow's limit on params per log_batch
 SYSTEM_METRICS_INTERVAL_S = 10  # MLflow's default: a stage shorter than this logs no sample
 
 
@@ -49,6 +60,11 @@ def dataset_source(source: str) -> DatasetSource:
     if Path(source).exists():
         return resolve_dataset_source(Path(source).resolve().as_uri())
     return CodeDatasetSource(tags={"mlflow.source.name": source})
+
+
+def param_values(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them: strings of at most MAX_PARAM_LENGTH characters."""
+    return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
 
 
 def tracking_uri(runs_dir: str | Path) -> str:
@@ -93,13 +109,46 @@ class Tracker:
         return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
     @contextmanager
-    def pipeline_run(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-        """The parent run; finished as FINISHED, or FAILED if the pipeline raised."""
+    def pipeline_run(
+        self,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        reopen: bool = False,
+    ) -> Iterator[str]:
+        """The parent run, finished as FINISHED, FAILED or KILLED. `reopen`: rather than a second run of the same
+        name, reopen the newest earlier one whose params equal `params` (its tags updated, last time's failure
+        cleared, tag dsv3.pipeline_runs counting the pipeline runs it stands for)."""
         tags = {"dsv3.runs_dir": str(self.runs_dir), **(tags or {})}
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.parent_id = run.info.run_id
-        with self._terminated(self.parent_id):
-            yield self.parent_id
+        earlier = self._parent_with(run_name, param_values(params or {})) if reopen else None
+        if earlier is None:
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+            self.log_params(run_id, params or {})
+            count = 1
+        else:
+            run_id = earlier.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            for stale in (FAILURE_TAG, NOTE_TAG, "dsv3.failed_stage"):
+                if stale in earlier.data.tags:
+                    self.client.delete_tag(run_id, stale)
+            self.set_tags(run_id, tags)
+            count = int(earlier.data.tags.get(PIPELINE_RUNS_TAG, "1")) + 1
+        self.set_tags(run_id, {PIPELINE_RUNS_TAG: str(count)})
+        self.parent_id = run_id
+        with self._terminated(run_id):
+            yield run_id
+
+    def _parent_with(self, run_name: str, params: Mapping[str, str]):
+        """The newest parent run of this runs folder named `run_name` whose params are exactly `params`, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`dsv3.runs_dir` = '{self.runs_dir}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        for run in runs:
+            if run.info.run_name == run_name and "dsv3.stage" not in run.data.tags and run.data.params == params:
+                return run
+        return None
 
     @contextmanager
     def stage_run(
@@ -129,16 +178,18 @@ class Tracker:
 
     @contextmanager
     def _terminated(self, run_id: str) -> Iterator[None]:
-        """FINISHED, or FAILED (KILLED for Ctrl-C / SIGTERM) if the body raised; when even that cannot be written
-        (a full disk), the run stays RUNNING until `close_stale_runs` of the next pipeline run closes it."""
+        """FINISHED, or FAILED (KILLED for Ctrl-C, SIGTERM, a cancel from Prefect) if the body raised, with the
+        reason in the run's description and tag dsv3.failure; when even that cannot be written (a full disk), the
+        run stays RUNNING until `close_stale_runs` of the next pipeline run closes it."""
         try:
             yield
         except BaseException as error:
             if disk_full(error):
                 raise  # nothing can be written now: the next run's close_stale_runs closes this one
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            failure = classify(error)
             try:
-                self.client.set_terminated(run_id, status=status)
+                self.set_tags(run_id, {FAILURE_TAG: failure.message, NOTE_TAG: failure.message})
+                self.client.set_terminated(run_id, status="KILLED" if failure.kind == "interrupted" else "FAILED")
             except Exception:  # noqa: BLE001 - the original error is what the user must see
                 pass
             raise
@@ -156,9 +207,13 @@ class Tracker:
         return len(stale)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start : start + 100])
+        """Every param, its value cut to MLflow's length limit, in batches of MLflow's size limit."""
+        items = [Param(k, v) for k, v in sorted(param_values(params).items())]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         import time
@@ -172,9 +227,36 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
     def mark_reused(self, stage: str, run_id: str | None) -> None:
-        """A skipped stage: tag the parent run with the run that produced the outputs, log no duplicate."""
-        if self.parent_id:
-            self.client.log_batch(self.parent_id, tags=[RunTag(f"dsv3.reused.{stage}", run_id or "unknown")])
+        """A skipped stage: tag the parent run with the run that produced the outputs and, when that run sits under
+        another parent, nest a link run `<stage> (reused)` here (once): its description names the producing run,
+        tag dsv3.reused_run holds its id, and it carries that run's metrics; no stage is logged twice."""
+        if not self.parent_id:
+            return
+        self.set_tags(self.parent_id, {f"dsv3.reused.{stage}": run_id or "unknown"})
+        if not run_id:
+            return
+        source = self.client.get_run(run_id)
+        if source.data.tags.get(PARENT_TAG) == self.parent_id or self._linked(run_id):
+            return
+        tags = {
+            PARENT_TAG: self.parent_id,
+            REUSED_RUN_TAG: run_id,
+            "dsv3.runs_dir": str(self.runs_dir),
+            NOTE_TAG: f"Reused: this stage did not run again; its outputs and metrics are those of run {source.info.run_name} "
+            f"({self.run_url(run_id)}).",
+        }
+        link = self.client.create_run(self.experiment_id, run_name=f"{stage} (reused)", tags=tags).info.run_id
+        self.log_metrics(link, source.data.metrics)
+        self.client.set_terminated(link, status="FINISHED")
+
+    def _linked(self, run_id: str) -> bool:
+        """Whether the parent run already has a link run to `run_id`."""
+        return bool(
+            self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{REUSED_RUN_TAG}` = '{run_id}'",
+            )
+        )
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -7,9 +7,11 @@ linked), progress lines in the logs, and at the end the run's report card (`dsv3
 and as files of the MLflow parent run. Flow runs are named `<recipe>-<variant>-<time>` and tagged dsv3, the
 recipe and the variant.
 
-The MLflow parent run is the row to compare runs by: params for the recipe, its digest, every override and the
-code version; tags for the Prefect flow run and the run folder; and each stage's headline metrics as
-`<stage>/<metric>` (a skipped stage's too, from its manifest).
+The MLflow parent run is the row to compare runs by, one per variant (a rerun of an unchanged variant reopens it):
+params for every value of the resolved recipe, its digest and every override; the resolved recipe as the artifact
+recipe.yaml; tags for the code version (MLflow's git commit), the Prefect flow run and the run folder; each stage's
+headline metrics as `<stage>/<metric>` (a failed stage's too; a skipped stage's from its manifest, with a link run
+to the stage run it reused); a failure's one line as its description and tag dsv3.failure.
 
 A stage that fails — bad input, a failed health check, a diverged loss, a full disk — ends its task in a Failed
 state with one line saying why (no traceback), the stages after it do not run, and the flow returns a Failed
@@ -30,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -42,9 +45,12 @@ from dsv3.errors import StageFailed, classify
 from dsv3.report import report_markdown, write_report
 from dsv3.stages import headline
 from dsv3.stages.lock import runs_lock
+from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import code_version, run_stage
 from dsv3.stages.runs import recipe_digest, record_run, run_root, variant_name
-from dsv3.tracking import PARENT_TAG, Tracker
+from dsv3.tracking import GIT_COMMIT_TAG, PARENT_TAG, Tracker
+
+RECIPE_ARTIFACT = "recipe.yaml"  # the resolved recipe, an artifact of the parent run
 
 logging.getLogger("dsv3").setLevel(logging.INFO)  # the training's progress lines reach the flow run's logs
 
@@ -65,7 +71,11 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
             markdown=f"# Stage `{stage}` — **failed**\n\n{failure.message}\n\nOutputs: `{workdir}`\n",
             description=description,
         )
-        return Failed(message=failure.message, data={"stage": stage, "failure": asdict(failure)})
+        measured = read_manifest(workdir)  # a failed check still measured: the parent run shows it
+        return Failed(
+            message=failure.message,
+            data={"stage": stage, "failure": asdict(failure), "metrics": measured.metrics if measured else {}},
+        )
     m = outcome.manifest
     create_markdown_artifact(
         key=key,
@@ -138,12 +148,15 @@ def run_pipeline(
         "dsv3.recipe_path": str(recipe_path),
         "dsv3.run_folder": str(root),
         "dsv3.code_version": code_version(),
+        GIT_COMMIT_TAG: code_version(),
         "prefect.flow_run_id": str(flow_run.id or ""),
         "prefect.flow_run_url": str(flow_run.ui_url or ""),
     } | ({PARENT_TAG: mlflow_parent_run} if mlflow_parent_run else {})
     try:
-        with tracker.pipeline_run(f"{recipe.name}/{root.name}", tags=tags) as parent_id:
-            tracker.log_params(parent_id, run_params(recipe, recipe_path))
+        with tracker.pipeline_run(
+            f"{recipe.name}/{root.name}", tags, run_params(recipe, recipe_path), reopen=True
+        ) as parent_id:
+            tracker.log_text(parent_id, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), RECIPE_ARTIFACT)
             failed = run_stages(recipe, stages, runs_dir, tracker, results)
             if failed and failed["failure"]["kind"] == "disk":  # nothing more can be written: no report, no tags
                 raise OSError(errno.ENOSPC, failed["failure"]["message"])  # the next run closes the parent run
@@ -151,7 +164,7 @@ def run_pipeline(
                 logger.info("report:  %s", publish_report(root, recipe, tracker, parent_id))
             if failed:
                 tracker.set_tags(parent_id, {"dsv3.failed_stage": failed["stage"]})
-                raise StageFailed(failed["failure"]["message"])  # the parent run ends FAILED
+                raise StageFailed(failure_line(failed))  # the parent run ends FAILED, this line its reason
     except (StageFailed, OSError):
         if not failed:
             raise
@@ -163,18 +176,22 @@ def run_pipeline(
 
 
 def run_params(recipe: Recipe, recipe_path: str) -> dict[str, Any]:
-    """The parent run's params: what was run, so that MLflow's compare view lines two runs up."""
+    """The parent run's params: every value of the resolved recipe (`section.key`), what was run and the overrides
+    (`set.<key>` each, all in `overrides`), so that MLflow's compare view lines any two runs up on true values."""
+    resolved = {k: v for k, v in flatten(recipe).items() if k not in ("name", "variant", "overrides")}
     return {
         "recipe": recipe.name,
         "recipe_path": str(recipe_path),
         "variant": variant_name(recipe),
         "recipe_digest": recipe_digest(recipe),
         "overrides": " ".join(recipe.overrides) or "(none)",
-        "code_version": code_version(),
-        "seed": recipe.seed,
-    } | {f"set.{item.partition('=')[0]}": item.partition("=")[2] for item in recipe.overrides} | flatten(
-        recipe.pipeline, "pipeline"
-    )
+    } | {f"set.{item.partition('=')[0]}": item.partition("=")[2] for item in recipe.overrides} | resolved
+
+
+def failure_line(failed: dict) -> str:
+    """`failed` (a stage's failure) as one line that names the stage."""
+    stage, message = failed["stage"], failed["failure"]["message"]
+    return message if message.startswith(f"stage {stage} ") else f"stage {stage}: {message}"
 
 
 def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, tracker: Tracker, results: list) -> dict | None:
@@ -190,15 +207,21 @@ def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, tracker: Tracke
         result = state.result(raise_on_failure=False)
         if state.is_failed():
             failed = result if isinstance(result, dict) else {"stage": stage, "failure": asdict(classify(result))}
+            tracker.log_metrics(tracker.parent_id, parent_metrics(stage, failed.get("metrics", {})))
             logger.error("%-10s failed: %s", stage, failed["failure"]["message"])
             return failed
         result["seconds"] = time.time() - started
-        tracker.log_metrics(tracker.parent_id, {f"{stage}/{k}": v for k, v in headline(stage, result["metrics"]).items()})
+        tracker.log_metrics(tracker.parent_id, parent_metrics(stage, result["metrics"]))
         logger.info("%-10s %-8s %7.1fs  -> %s", stage, result["action"], result["seconds"], result["workdir"])
         for check in result["failed_checks"]:
             logger.warning("%-10s health check %s failed (checks.enforce is false: going on)", stage, check)
         results.append(result)
     return None
+
+
+def parent_metrics(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """A stage's headline metrics as the parent run logs them: `<stage>/<metric>`."""
+    return {f"{stage}/{k}": v for k, v in headline(stage, metrics).items()}
 
 
 def tag_flow_run(tags: list[str]) -> None:

@@ -5,7 +5,8 @@ Ctrl-C meant for the pipeline kills the server first and the flow then spends mi
 `prefect_api` starts the same server (uvicorn on Prefect's app factory, UI off, Prefect's ephemeral settings) in
 its own session instead: Ctrl-C reaches only the pipeline, which records the interruption and stops the server
 on its way out; the server also dies with its parent (PR_SET_PDEATHSIG), so a SIGKILLed pipeline leaves no
-server behind. With PREFECT_API_URL set (`make ui`, `make serve`), the flows use that server.
+server behind. Links to flow runs ("View at ...", the MLflow tag prefect.flow_run_url) point at the UI address of
+`make ui` rather than at that short-lived server. With PREFECT_API_URL set (`make ui`, `make serve`), the flows use that server.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import httpx
 import prefect
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL, temporary_settings
 
+UI_URL = "http://127.0.0.1:4200"  # where `make ui` / `make serve` show the same runs (DSV3_PREFECT_UI to change)
 STARTUP_TIMEOUT_S = 180  # a busy 2-core laptop can take over a minute to migrate a fresh database
 SERVER_LOG = "prefect-server.log"
 # Runs in the server's process before it becomes uvicorn: die with the parent (Linux), then exec.
@@ -67,7 +69,7 @@ def prefect_api(runs_dir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_until_healthy(server, url, home / SERVER_LOG)
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_UI_URL: ui_url(), PREFECT_HOME: str(home)}):
             _quiet_empty_tracebacks()
             one_console_for_lightning()
             try:
@@ -77,6 +79,11 @@ def prefect_api(runs_dir: Path) -> Iterator[str]:
     finally:
         _stop(server)
         log.close()
+
+
+def ui_url() -> str:
+    """The Prefect UI that links point at: our server is gone when the run ends, `make ui` shows its runs later."""
+    return os.environ.get("DSV3_PREFECT_UI", UI_URL).rstrip("/")
 
 
 def _free_port() -> int:

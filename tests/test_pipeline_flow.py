@@ -7,13 +7,17 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from dsv3.config import load_recipe
+from dsv3.cli import main
+from dsv3.config import flatten, load_recipe
 from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runner import code_version
 from dsv3.stages.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline, stages_to_run
+from flows.runtime import prefect_api
 from tests.conftest import RECIPES, pickle_bomb
 
 SMOKE = str(RECIPES / "smoke.yaml")
@@ -52,8 +56,9 @@ def test_flow_runs_skips_and_rebuilds(runs_dir):
     assert [r["action"] for r in second] == ["skipped"]
     assert (tokenizer_dir / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == mtime
     parents, nested = _runs(runs_dir)
-    assert len(parents) == 2 and len(nested) == 1  # no duplicate stage run
-    assert parents[1].data.tags["dsv3.reused.tokenizer"] == stage_run.info.run_id
+    assert len(parents) == 1 and len(nested) == 1  # one parent per variant, no duplicate stage run
+    assert parents[0].data.tags["dsv3.reused.tokenizer"] == stage_run.info.run_id
+    assert parents[0].data.tags["dsv3.pipeline_runs"] == "2" and parents[0].info.status == "FINISHED"
 
     shutil.rmtree(tokenizer_dir / "tokenizer")
     third = pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir))
@@ -70,7 +75,7 @@ def test_until_must_be_a_stage_of_the_recipe():
         stages_to_run(recipe, "rl")
 
 
-def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir):
+def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir, capsys):
     state = pipeline(
         recipe_path=SMOKE,
         overrides=["checks.tokenizer.min_bytes_per_token=10"],
@@ -89,6 +94,45 @@ def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir):
     parents, nested = _runs(runs_dir)
     assert parents[0].info.status == "FAILED" and nested[0].info.status == "FAILED"
     assert nested[0].data.tags["dsv3.checks"] == "failed"
+    reason = "checks.tokenizer.min_bytes_per_token: measured "
+    for run in (parents[0], nested[0]):  # the reason, where MLflow shows it: description and a tag
+        assert reason in run.data.tags["dsv3.failure"] and reason in run.data.tags["mlflow.note.content"]
+    assert parents[0].data.tags["dsv3.failure"].startswith("stage tokenizer failed")
+    assert parents[0].data.metrics["tokenizer/bytes_per_token_validation"] > 1  # the failed stage's numbers too
+    main(["runs", "--runs-dir", str(runs_dir)])
+    assert f"tokenizer: failed ({reason}" in capsys.readouterr().out
+
+
+def test_a_parent_run_holds_every_recipe_value_its_recipe_and_commit_and_links_to_the_ui(runs_dir):
+    """MLflow's compare view reads params: every resolved value is one, not only the overrides; the Prefect link
+    points at the UI `make ui` serves, not at the server `dsv3 run` started and stopped."""
+    with prefect_api(runs_dir):
+        pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir), name="a")
+    (parent,), _ = _runs(runs_dir)
+    recipe = load_recipe(SMOKE, [], "a")
+    for key, value in flatten(recipe).items():
+        if key not in ("name", "variant", "overrides"):
+            assert parent.data.params[key] == str(value), key
+    assert parent.data.params["pretrain.lr_peak"] == str(recipe.pretrain.lr_peak)  # never overridden, still there
+    resolved = MlflowClient(tracking_uri(runs_dir)).download_artifacts(parent.info.run_id, "recipe.yaml")
+    assert yaml.safe_load(Path(resolved).read_text()) == recipe.model_dump(mode="json")
+    assert parent.data.tags["mlflow.source.git.commit"] == code_version()
+    assert parent.data.tags["prefect.flow_run_url"].startswith("http://127.0.0.1:4200/flow-runs/flow-run/")
+
+
+def test_a_reused_stage_is_linked_under_every_parent_that_uses_it(runs_dir):
+    pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir), name="a")
+    pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir), name="b", overrides=["pretrain.lr_peak=0.001"])
+    parents, nested = _runs(runs_dir)
+    a, b = sorted(parents, key=lambda r: r.info.run_name)
+    stage_run, link = nested  # b's tokenizer is a's: no second training, a link run under b
+    assert stage_run.data.tags["mlflow.parentRunId"] == a.info.run_id and stage_run.data.tags["dsv3.stage"] == "tokenizer"
+    assert link.data.tags["mlflow.parentRunId"] == b.info.run_id and link.info.run_name == "tokenizer (reused)"
+    assert link.data.tags["dsv3.reused_run"] == stage_run.info.run_id and stage_run.info.run_id in link.data.tags["mlflow.note.content"]
+    assert link.data.metrics == stage_run.data.metrics
+    assert b.data.params["pretrain.lr_peak"] == "0.001" and a.data.params["pretrain.lr_peak"] != "0.001"
+    pipeline(recipe_path=SMOKE, until="tokenizer", runs_dir=str(runs_dir), name="b", overrides=["pretrain.lr_peak=0.001"])
+    assert [len(runs) for runs in _runs(runs_dir)] == [2, 2]  # rerun: the same parent, the same link
 
 
 def test_nothing_under_runs_is_unpickled(runs_dir, tmp_path, monkeypatch):
@@ -122,8 +166,9 @@ def test_mlflow_compares_two_pipeline_runs_by_their_parent_runs(runs_dir):
     table = mlflow.search_runs(experiment_names=["dsv3-smoke"], filter_string="tags.`dsv3.variant` != ''")
     assert len(table) == 2
     for column in ("metrics.tokenizer/bytes_per_token_validation", "metrics.pretrain/final_val_loss",
-                   "params.overrides", "params.recipe_digest", "params.code_version", "params.set.tokenizer.vocab_size",
-                   "tags.prefect.flow_run_id", "tags.dsv3.run_folder"):  # fmt: skip
+                   "params.overrides", "params.recipe_digest", "params.set.tokenizer.vocab_size",
+                   "params.pretrain.lr_peak", "tags.dsv3.code_version", "tags.prefect.flow_run_id",
+                   "tags.dsv3.run_folder"):  # fmt: skip
         assert column in table.columns and table[column].notna().any(), column
     assert set(table["params.overrides"]) == {"pretrain.steps=4", "pretrain.steps=4 tokenizer.vocab_size=600"}
     assert table["metrics.tokenizer/bytes_per_token_validation"].nunique() == 2

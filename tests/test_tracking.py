@@ -103,3 +103,51 @@ def test_system_metrics_are_sampled_into_the_stage_run(tmp_path, monkeypatch):
         time.sleep(1.0)
     metrics = MlflowClient(tracker.uri).get_run(run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+
+
+@pytest.mark.parametrize("signal_error", ["keyboard", "sigterm", "prefect-cancel"])
+def test_an_interrupted_run_is_killed_with_its_reason(tmp_path, signal_error):
+    """Ctrl-C, SIGTERM (dsv3.errors.Interrupted) and a cancel from Prefect (its TerminationSignal) end the stage run
+    and its parent KILLED, saying so in the description; a failed check ends them FAILED with the check's line."""
+    from prefect.exceptions import TerminationSignal
+
+    from dsv3.errors import Interrupted, StageFailed
+
+    error = {"keyboard": KeyboardInterrupt(), "sigterm": Interrupted(), "prefect-cancel": TerminationSignal(15)}[signal_error]
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    with pytest.raises(type(error)), tracker.pipeline_run("p") as parent, tracker.stage_run("pretrain", {}) as run_id:
+        raise error
+    client = MlflowClient(tracker.uri)
+    for run in (client.get_run(run_id), client.get_run(parent)):
+        assert run.info.status == "KILLED"
+        assert run.data.tags["dsv3.failure"].startswith("interrupted") and run.data.tags["mlflow.note.content"]
+    with pytest.raises(StageFailed), tracker.stage_run("reward", {}) as run_id:
+        raise StageFailed("stage reward failed its health check checks.reward.min_pair_accuracy: measured 0.5955")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "measured 0.5955" in run.data.tags["mlflow.note.content"]
+
+
+def test_params_respect_mlflow_limits(tmp_path):
+    """Hundreds of params (more than one log_batch takes) and a value longer than MLflow's limit are all logged."""
+    from dsv3.tracking import MAX_PARAM_LENGTH
+
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    params = {f"section.key{i}": i for i in range(250)} | {"data.paths": "x" * (MAX_PARAM_LENGTH + 10)}
+    with tracker.pipeline_run("p", params=params) as run_id:
+        pass
+    logged = MlflowClient(tracker.uri).get_run(run_id).data.params
+    assert len(logged) == 251 and logged["section.key249"] == "249" and len(logged["data.paths"]) == MAX_PARAM_LENGTH
+
+
+def test_a_parent_run_is_reopened_only_for_the_same_name_and_params(tmp_path):
+    tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    with pytest.raises(RuntimeError), tracker.pipeline_run("smoke/a", params={"lr": 1}, reopen=True) as first:
+        raise RuntimeError("boom")
+    with tracker.pipeline_run("smoke/a", params={"lr": 1}, reopen=True) as again:
+        pass
+    with tracker.pipeline_run("smoke/a", params={"lr": 2}, reopen=True) as other:
+        pass
+    run = MlflowClient(tracker.uri).get_run(first)
+    assert again == first and other != first
+    assert run.info.status == "FINISHED" and "dsv3.failure" not in run.data.tags  # last time's failure cleared
+    assert run.data.tags["dsv3.pipeline_runs"] == "2"

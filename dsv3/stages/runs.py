@@ -29,6 +29,7 @@ from pathlib import Path
 from dsv3.config import STAGE_ORDER, Recipe, flatten, is_hardware, without_hardware
 from dsv3.errors import InputError
 from dsv3.io import write_json_atomic
+from dsv3.stages.health import Check
 from dsv3.stages.manifest import Manifest, read_manifest
 
 STORE, LATEST, RUN_INFO, CACHE = "stages", "latest", "run.json", "cache"
@@ -123,10 +124,22 @@ class RunView:
         return f"{self.root.parent.name}/{self.root.name}"
 
     def status(self, stage: str) -> str:
+        """completed (* = a check failed, not enforced), failed, interrupted, running, or — (no manifest)."""
         manifest = self.manifests.get(stage)
         if manifest is None:
             return "—"
+        if manifest.failure is not None and manifest.failure["kind"] == "interrupted":
+            return "interrupted"
         return manifest.status + ("*" if manifest.status == "completed" and manifest.failed_checks else "")
+
+    def reason(self, stage: str) -> str | None:
+        """Why the stage failed, in one line: its failed checks with their values, else the failure's message."""
+        manifest = self.manifests.get(stage)
+        if manifest is None or manifest.status != "failed" or manifest.failure is None:
+            return None
+        if manifest.failure["kind"] == "check" and manifest.failed_checks:
+            return "; ".join(Check(**c).line() for c in manifest.failed_checks)
+        return manifest.failure["message"]
 
 
 def view(root: Path) -> RunView:
