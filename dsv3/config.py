@@ -19,9 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from dsv3 import STAGE_ORDER
 from dsv3.model import DSV3Config
-
-STAGE_ORDER = ("tokenizer", "pretrain", "extend", "sft", "reward", "rl")
 
 
 class RecipeError(ValueError):

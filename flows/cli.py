@@ -15,12 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dsv3 import STAGE_ORDER
 from dsv3.cli import add_runs_dir_option, add_set_option, exit_with, runs_folder
 from dsv3.cli import main as dsv3_main
-from dsv3.config import STAGE_ORDER, load_recipe
 from dsv3.errors import Failure
-from dsv3.stages import check_data_files
-from dsv3.stages.lock import runs_lock
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +118,7 @@ def add_flow_commands(sub) -> None:
 @contextmanager
 def orchestrated(runs_dir: Path, command: str) -> Iterator[None]:
     """The runs folder's lock, then Prefect's API server, for as long as a flow runs."""
+    from dsv3.stages.lock import runs_lock
     from flows.runtime import prefect_api
 
     with runs_lock(runs_dir, command), prefect_api(runs_dir):
@@ -160,6 +159,9 @@ def run_probes(args: argparse.Namespace) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
+    from dsv3.config import load_recipe
+    from dsv3.stages import check_data_files
+
     recipe = load_recipe(args.recipe, args.overrides, args.name)  # bad input fails here, before Prefect starts
     from flows.pipeline import stages_to_run
 
