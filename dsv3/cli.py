@@ -309,8 +309,8 @@ def _compare(args: argparse.Namespace) -> None:
     from dsv3.stages.runs import resolve_run, view
 
     a, b = (view(resolve_run(spec, args.runs_dir)) for spec in (args.a, args.b))
+    print(compare_markdown(a, b, plain=True))
     text = compare_markdown(a, b)
-    print(text)
     out = Path(args.runs_dir) / "compare" / f"{a.label}__vs__{b.label}".replace("/", "_")
     out.parent.mkdir(parents=True, exist_ok=True)
     html_path = out.with_suffix(".html")

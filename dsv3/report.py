@@ -214,16 +214,18 @@ def report_markdown(run_dir: Path, link_plots: bool = True) -> str:
     return "\n".join(lines)
 
 
-def compare_markdown(a: RunView, b: RunView) -> str:
-    """Two runs side by side: where their resolved recipes differ, then every stage's headline metrics (B − A)."""
+def compare_markdown(a: RunView, b: RunView, plain: bool = False) -> str:
+    """Two runs side by side: where their resolved recipes differ, then every stage's headline metrics (B − A).
+    `plain`: the cells as they are, for a terminal (else escaped for markdown)."""
+    cell = str if plain else _md
     lines = [
-        f"# {_md(a.label)} vs {_md(b.label)}",
+        f"# {cell(a.label)} vs {cell(b.label)}",
         "",
         "## Recipes",
         "",
         "| setting | A | B |",
         "|---|---|---|",
-        *(f"| {_md(k)} | {_md(va)} | {_md(vb)} |" for k, (va, vb) in recipe_differences(a, b).items()),
+        *(f"| {cell(k)} | {cell(va)} | {cell(vb)} |" for k, (va, vb) in recipe_differences(a, b).items()),
         "",
         "## Metrics",
         "",
@@ -237,7 +239,7 @@ def compare_markdown(a: RunView, b: RunView) -> str:
         for name in list(dict.fromkeys([*shown_a, *shown_b])):
             va, vb = shown_a.get(name), shown_b.get(name)
             diff = _value(vb - va, 4) if va is not None and vb is not None else NONE
-            lines.append(f"| {stage} | {_md(name)} | {_value(va, 4) if va is not None else NONE} | "
+            lines.append(f"| {stage} | {cell(name)} | {_value(va, 4) if va is not None else NONE} | "
                          f"{_value(vb, 4) if vb is not None else NONE} | {diff} |")  # fmt: skip
         if ma is not None and mb is not None and ma.key == mb.key:
             lines.append(f"| {stage} | (the same stage folder: shared, not retrained) | | | |")

@@ -160,3 +160,15 @@ def test_cli_report_help_answers(capsys):
         main(["report", "--help"])
     assert exit_info.value.code == 0
     assert "usage: dsv3 report" in capsys.readouterr().out
+
+
+def test_compare_prints_plain_text_and_writes_escaped_markdown(tmp_path):
+    """The terminal gets `[0.1, 0.5]`, not markdown's `\\[0.1, 0.5\\]`; the HTML page's markdown stays escaped."""
+    from dsv3.report import compare_markdown
+    from dsv3.stages.runs import RunView
+
+    a = RunView(tmp_path / "smoke" / "a", {"resolved": {"data": {"weights": [0.1, 0.5]}}}, {})
+    b = RunView(tmp_path / "smoke" / "b_1", {"resolved": {"data": {"weights": [0.2, 0.5]}}}, {})
+    assert "| data.weights | [0.1, 0.5] | [0.2, 0.5] |" in compare_markdown(a, b, plain=True)
+    assert "# smoke/a vs smoke/b_1" in compare_markdown(a, b, plain=True)
+    assert r"| data.weights | \[0.1, 0.5\] | \[0.2, 0.5\] |" in compare_markdown(a, b)
