@@ -203,12 +203,25 @@ def serve_pipeline(args: argparse.Namespace) -> None:
     prefect_home(runs_dir)
     from flows.pipeline import pipeline
 
+    print(launch_message(api), flush=True)
     pipeline.serve(
         name="dsv3",
         parameters={"recipe_path": "recipes/tiny.yaml", "runs_dir": str(runs_dir)},
         tags=["dsv3"],
         description="The dsv3 pipeline: recipe_path (a recipe YAML relative to the repository), until (a stage), "
         "overrides (a list of key=value), name (the variant's folder). Runs write to " + str(runs_dir) + ".",
+        print_starting_message=False,  # Prefect's omits PREFECT_API_URL: in a fresh shell it finds no deployment
+    )
+
+
+def launch_message(api: str) -> str:
+    """How to start a run of the served deployment: the UI, or a command that works as printed in a fresh shell."""
+    import sys
+
+    prefect = Path(sys.executable).with_name("prefect")
+    return (
+        f"Serving dsv3-pipeline/dsv3: start runs from {api.removesuffix('/api')}/deployments, or from a shell with\n"
+        f"  PREFECT_API_URL={api} {prefect} deployment run dsv3-pipeline/dsv3 --param until=tokenizer"
     )
 
 

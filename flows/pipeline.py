@@ -30,7 +30,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -118,15 +118,23 @@ def flow_run_name(kind: str = "") -> str:
 def pipeline(
     recipe_path: str = "recipes/tiny.yaml",
     overrides: list[str] | None = None,
-    until: str | None = None,
+    until: Literal[STAGE_ORDER] | None = None,  # type: ignore[valid-type]
     runs_dir: str = "runs",
     name: str | None = None,
     mlflow_parent_run: str | None = None,
 ) -> list[dict[str, Any]]:
     """tokenizer → pretrain → extend → sft → reward → rl, as far as the recipe (or `until`) says, in the folder
-    runs/<recipe>/<variant> (`name`, or named by the overrides); stops at the first stage that fails and returns a
-    Failed state naming it. Takes the runs folder's lock (already held when `dsv3 run` started it).
-    mlflow_parent_run: nest this run's MLflow parent run under that run (the seeds flow's)."""
+    runs/<recipe>/<variant>; stops at the first stage that fails and returns a Failed state naming it. Takes the runs
+    folder's lock (already held when `dsv3 run` started it). The Prefect UI's launch form shows the Args below.
+
+    Args:
+        recipe_path: a recipe YAML, relative to the repository (recipes/tiny.yaml, recipes/smoke.yaml, ...)
+        overrides: recipe values to change, each `section.key=value` (e.g. pretrain.lr_peak=1e-3)
+        until: the last stage to run (empty: every stage of the recipe)
+        runs_dir: the runs folder the stages, MLflow and Prefect write to
+        name: the variant's folder name, runs/<recipe>/<name> (empty: from the overrides and a digest)
+        mlflow_parent_run: nest this run's MLflow parent run under that run (the seeds flow's)
+    """
     recipe = load_recipe(recipe_path, overrides or [], name)
     stages = stages_to_run(recipe, until)
     with runs_lock(Path(runs_dir), f"Prefect flow run {flow_run.name} ({recipe_path})"):
