@@ -16,6 +16,10 @@ TORCH   ?= $(shell grep -E '^torch==' $(LOCK))
 # gpu-check's python: the venv's, else the machine's own (a lent GPU machine has torch but no venv)
 PY      ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
+# Ctrl-C (or SIGTERM) in `make ui` / `make serve`: stop the servers started in the background ($$pids: they ignore
+# SIGINT, as background jobs of a script do), wait for them, exit 130 (143).
+STOP_ON_SIGNAL = trap 'kill $$pids 2>/dev/null; wait; exit 130' INT; trap 'kill $$pids 2>/dev/null; wait; exit 143' TERM
+
 .PHONY: setup lock test lint pipeline ablations probes ui serve clean-runs help gpu-check $(STAGES)
 
 help:  ## list the targets
@@ -80,22 +84,20 @@ ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)
 	@mkdir -p $(RUNS)
 	@echo "Prefect UI: http://127.0.0.1:4200"
 	@echo "MLflow UI:  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
-	@trap 'kill 0' INT TERM EXIT; \
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & \
+	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & pids=$$!; \
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port 5000 \
-		> $(RUNS)/mlflow-ui.log 2>&1 & \
-	wait
+		> $(RUNS)/mlflow-ui.log 2>&1 & pids="$$pids $$!"; \
+	$(STOP_ON_SIGNAL); wait
 
 serve:  ## the Prefect UI (127.0.0.1:4200) serving the pipeline as a deployment to run from there, and MLflow (5000)
 	@mkdir -p $(RUNS)
 	@echo "Prefect UI: http://127.0.0.1:4200  (Deployments -> dsv3-pipeline / dsv3 -> Run)"
 	@echo "MLflow UI:  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
-	@trap 'kill 0' INT TERM EXIT; \
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & \
+	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & pids=$$!; \
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port 5000 \
-		> $(RUNS)/mlflow-ui.log 2>&1 & \
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(DSV3) serve --runs-dir $(RUNS) & \
-	wait
+		> $(RUNS)/mlflow-ui.log 2>&1 & pids="$$pids $$!"; \
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(DSV3) serve --runs-dir $(RUNS) & pids="$$pids $$!"; \
+	$(STOP_ON_SIGNAL); wait
 
 clean-runs:  ## delete every run, the MLflow database and the Prefect state under RUNS
 	rm -rf $(RUNS)
