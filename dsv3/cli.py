@@ -408,7 +408,7 @@ def _add_eval_command(sub) -> None:
         description="Evaluate a stage's model folder (exported to a temporary deepseek_v3 folder first) or an export-hf "
         "folder with lm-evaluation-harness and the tasks in dsv3/eval/lm_eval_tasks: dsv3_math (held-out math "
         "problems in the SFT chat format, exact match of the boxed answer), dsv3_bpb (bits per byte of the recipe "
-        "corpus's validation split), dsv3_arith_mc (held-out word problems, 4 choices). Prints lm-eval's table, "
+        "corpus's validation split), dsv3_arith_mc (the same problems, 4 integer choices). Prints lm-eval's table, "
         "writes lm_eval.json to the stage folder (the folder itself for an export) and logs the metrics to the "
         "stage's MLflow run. Nothing is downloaded.",
         epilog="examples:\n  dsv3 eval runs/tiny/latest/sft/model --limit 50\n"

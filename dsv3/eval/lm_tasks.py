@@ -4,7 +4,7 @@ from the recipe: nothing is downloaded. lm-eval calls each builder with the Task
 
     dsv3_math      held-out math problems in the SFT chat format, greedy generation, exact match of \\boxed{N}
     dsv3_bpb       bits per byte of the recipe corpus's validation split (loglikelihood_rolling)
-    dsv3_arith_mc  held-out word problems with 4 integer choices (loglikelihood of each answer)
+    dsv3_arith_mc  the same held-out problems with 4 integer choices (loglikelihood of each answer)
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from dsv3.data.math_tasks import INSTRUCTION, extract_boxed, generate_problems
 CHOICES = 4
 
 
-def heldout_problems(problems: dict, kinds: tuple[str, ...] | None = None) -> list[dict]:
-    """The recipe's held-out problems (the SFT section's count, difficulty and the recipe seed)."""
+def heldout_problems(problems: dict) -> list[dict]:
+    """The recipe's held-out problems (the SFT section's count, difficulty and kinds, the recipe seed)."""
     return generate_problems(
-        problems["n"], "heldout", problems["seed"], problems["steps"], problems["max_operand"],
-        kinds or tuple(problems["kinds"]),
-    )  # fmt: skip
+        problems["n"], "heldout", problems["seed"], problems["steps"], problems["max_operand"], tuple(problems["kinds"])
+    )
 
 
 def math_heldout(problems: dict, **_) -> datasets.DatasetDict:
@@ -43,13 +42,13 @@ def boxed_exact_match(doc: dict, results: list[str]) -> dict:
 
 def arithmetic_choices(problems: dict, **_) -> datasets.DatasetDict:
     """Rows {question, choices: 4 integers as text, label: index of the right one}; the wrong ones lie within
-    ±max_operand of the answer, so only arithmetic tells them apart."""
+    ±max_operand of the answer, so only the arithmetic tells them apart."""
     rows = []
-    for i, p in enumerate(heldout_problems(problems, kinds=("arithmetic",))):
+    spread = problems["max_operand"]
+    for i, p in enumerate(heldout_problems(problems)):
         rng = random.Random(f"choices:{problems['seed']}:{i}")
         answer = int(p["answer"])
-        wrong = rng.sample([v for v in range(answer - problems["max_operand"], answer + problems["max_operand"] + 1)
-                            if v != answer and v >= 0], CHOICES - 1)  # fmt: skip
+        wrong = rng.sample([v for v in range(answer - spread, answer + spread + 1) if v != answer], CHOICES - 1)
         choices = [answer, *wrong]
         rng.shuffle(choices)
         question = p["prompt"].removesuffix(f"\n{INSTRUCTION}")
