@@ -8,6 +8,8 @@ SET     ?=
 NAME    ?=
 SEEDS   ?=
 PROBE_SEEDS ?= 1
+MODEL   ?= $(RUNS)/$(basename $(notdir $(RECIPE)))/latest/sft/model
+LIMIT   ?=
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
 STAGES  := tokenizer pretrain extend sft reward rl
@@ -20,7 +22,7 @@ PY      ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 # SIGINT, as background jobs of a script do), wait for them, exit 130 (143).
 STOP_ON_SIGNAL = trap 'kill $$pids 2>/dev/null; wait; exit 130' INT; trap 'kill $$pids 2>/dev/null; wait; exit 143' TERM
 
-.PHONY: setup lock test lint pipeline ablations probes ui serve clean-runs help gpu-check $(STAGES)
+.PHONY: setup lock test lint pipeline ablations probes eval ui serve clean-runs help gpu-check $(STAGES)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -75,6 +77,9 @@ ablations:  ## ablation pretrainings over SEEDS seeds (recipes/ablations): FP8, 
 probes:  ## the probes (recipes/probes): copying, retrieval and YaRN on synthetic rows; GRPO on a task SFT gets partly right
 	@mkdir -p $(RUNS)
 	$(DSV3) probes --recipes recipes/probes --runs-dir $(RUNS) --seeds $(PROBE_SEEDS)
+
+eval:  ## lm-evaluation-harness on MODEL (default: RECIPE's latest sft model) with the project's tasks, LIMIT= examples each
+	$(DSV3) eval $(MODEL) $(if $(LIMIT),--limit $(LIMIT))
 
 $(STAGES):
 	@mkdir -p $(RUNS)

@@ -6,6 +6,7 @@ installed `dsv3` script, so the library never imports the flows.
     dsv3 export-hf CKPT OUT / dsv3 import-hf SRC OUT                             transformers interop
     dsv3 report RUN [--runs-dir runs]                                            report card of a run
     dsv3 generate CKPT --prompt TEXT [--speculative] / dsv3 chat CKPT              stream text from a checkpoint
+    dsv3 eval MODEL [--tasks T ...] [--limit N]                                  lm-evaluation-harness, local tasks
 
 How a command ends (dsv3.errors): bad input — a recipe, a path, a checkpoint — one line on stderr naming what is
 wrong, exit code 2; a stage that failed its checks or diverged, or a full disk: one line, exit code 1; Ctrl-C:
@@ -18,6 +19,7 @@ well under two seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -179,6 +181,7 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
     add_runs_dir_option(compare)
     compare.set_defaults(handler=_compare)
     _add_generation_commands(sub)
+    _add_eval_command(sub)
     return parser
 
 
@@ -395,6 +398,56 @@ def _chat(args: argparse.Namespace) -> None:
         args.speculative,
         args.seed,
     )
+
+
+def _add_eval_command(sub) -> None:
+    """`dsv3 eval` (dsv3.eval.harness): lm-evaluation-harness with the project's local tasks."""
+    evaluate = sub.add_parser(
+        "eval",
+        help="run lm-evaluation-harness on a model folder with the project's own tasks (offline)",
+        description="Evaluate a stage's model folder (exported to a temporary deepseek_v3 folder first) or an export-hf "
+        "folder with lm-evaluation-harness and the tasks in dsv3/eval/lm_eval_tasks: dsv3_math (held-out math "
+        "problems in the SFT chat format, exact match of the boxed answer), dsv3_bpb (bits per byte of the recipe "
+        "corpus's validation split), dsv3_arith_mc (the same problems, 4 integer choices). Prints lm-eval's table, "
+        "writes lm_eval.json to the stage folder (the folder itself for an export) and logs the metrics to the "
+        "stage's MLflow run. Nothing is downloaded.",
+        epilog="examples:\n  dsv3 eval runs/tiny/latest/sft/model --limit 50\n"
+        "  dsv3 eval /tmp/tiny-deepseek-v3 --tasks dsv3_bpb --recipe recipes/tiny.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="a stage's model folder or an export-hf folder")
+    evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks to run (default: all three)")
+    evaluate.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (default: all)")
+    evaluate.add_argument(
+        "--recipe", default=None,
+        help="recipe whose corpus and problems the tasks use (default: the run's own when MODEL is "
+        "runs/<recipe>/<variant>/<stage>/model, else recipes/tiny.yaml)",
+    )  # fmt: skip
+    evaluate.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_set_option(evaluate)
+    evaluate.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import logging
+
+    from dsv3.config import load_recipe, validate_recipe
+    from dsv3.eval.harness import TASKS, check_tasks, evaluate
+
+    tasks = check_tasks(args.tasks or TASKS)
+    model = Path(args.model)
+    run_info = model.parent.parent / "run.json"  # runs/<recipe>/<variant>/<stage>/model, through the variant's link
+    if args.recipe is None and run_info.is_file() and not args.overrides:
+        recipe = validate_recipe(json.loads(run_info.read_text())["resolved"])
+    else:
+        recipe = load_recipe(args.recipe or "recipes/tiny.yaml", args.overrides)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from lm_eval.utils import make_table
+
+    results, path, run_id = evaluate(model, recipe, tasks, args.limit, args.batch_size, args.device)
+    print(make_table(results))
+    print(f"wrote {path}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
 
 
 def _import_hf(args: argparse.Namespace) -> None:

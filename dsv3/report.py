@@ -31,6 +31,7 @@ import markdown
 from markdown.treeprocessors import Treeprocessor
 
 from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.eval.harness import read_results
 from dsv3.io import write_text_atomic
 from dsv3.model import DSV3Config, count_parameters
 from dsv3.stages import available_stages, headline
@@ -345,11 +346,24 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
         lines += ["### Metrics", "", "| metric | value |", "|---|--:|"]
         lines += [f"| {_md(name)} | {_value(value)} |" for name, value in metrics.items()]
         lines.append("")
+    lines += _lm_eval_section(run_dir / view.name)
     if m.artifacts:
         lines += ["### Plots", ""]
         for artifact in m.artifacts:
             lines += [_artifact(view.name, artifact, run_dir, link_plots), ""]
     return lines
+
+
+def _lm_eval_section(stage_dir: Path) -> list[str]:
+    """The stage's `dsv3 eval` results (lm_eval.json), when it has been evaluated."""
+    evaluated = read_results(stage_dir)
+    if evaluated is None:
+        return []
+    lines = ["### lm-evaluation-harness (`dsv3 eval`)", "", "| task | examples | metric | value |", "|---|--:|---|--:|"]
+    for task, values in evaluated["results"].items():
+        lines += [f"| {_md(task)} | {evaluated['samples'][task]} | {_md(name)} | {_value(value, 4)} |"
+                  for name, value in values.items() if not name.endswith("_stderr")]  # fmt: skip
+    return lines + [""]
 
 
 def _status(m: Manifest) -> str:

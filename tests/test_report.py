@@ -3,6 +3,7 @@ pretrain manifest with a real PNG), missing / failed / running stages shown as s
 plots embedded in the HTML, text escaped, and `dsv3 report` failing cleanly on a folder without a run."""
 
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ def run(tmp_path_factory) -> Path:
         root / "pretrain",
         _manifest("pretrain", "completed", 125.0, metrics=metrics, artifacts=["plots/loss curve.png"]),
     )
+    evaluated = {"results": {"dsv3_bpb": {"bits_per_byte": 2.53, "bits_per_byte_stderr": "N/A"}}, "samples": {"dsv3_bpb": 12}}
+    (root / "pretrain" / "lm_eval.json").write_text(json.dumps(evaluated))  # as `dsv3 eval` writes it
     write_manifest(root / "sft", _manifest("sft", "failed", 7.0, attempts=2))
     write_manifest(root / "reward", _manifest("reward", "running", 3.0))
     return root
@@ -102,6 +105,7 @@ def test_completed_stages_show_time_tokens_metrics(report):
     trained = md.split("## What was trained", 1)[1].split("## Summary", 1)[0]
     assert "| variant | " in trained and "| tokens (pretrain) | 65.54K |" in trained
     assert "![pretrain/plots/loss curve.png](pretrain/plots/loss%20curve.png)" in pretrain
+    assert "### lm-evaluation-harness (`dsv3 eval`)" in pretrain and "| dsv3_bpb | 12 | bits_per_byte | 2.53 |" in pretrain
 
 
 def test_a_stage_that_has_not_run_is_not_run_not_zeros(report):
