@@ -87,6 +87,7 @@ $(STAGES):
 
 ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)
 	@mkdir -p $(RUNS)
+	@$(DSV3) runs --runs-dir $(RUNS)  # lists the runs; a copied runs folder's MLflow store is moved with it
 	@echo "Prefect UI: http://127.0.0.1:4200"
 	@echo "MLflow UI:  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & pids=$$!; \
@@ -96,6 +97,7 @@ ui:  ## start the Prefect UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)
 
 serve:  ## the Prefect UI (127.0.0.1:4200) serving the pipeline as a deployment to run from there, and MLflow (5000)
 	@mkdir -p $(RUNS)
+	@$(DSV3) runs --runs-dir $(RUNS)  # lists the runs; a copied runs folder's MLflow store is moved with it
 	@echo "Prefect UI: http://127.0.0.1:4200  (Deployments -> dsv3-pipeline / dsv3 -> Run)"
 	@echo "MLflow UI:  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(RUNS)/prefect-server.log 2>&1 & pids=$$!; \

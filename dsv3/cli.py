@@ -161,7 +161,8 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         help="list the runs: recipe, variant, overrides, each stage's status, headline metrics",
         description="List every variant folder under --runs-dir, newest first: recipe/variant, when it last ran, its "
         "overrides, each stage's status (completed, failed, interrupted, running; * = a health check failed but was not "
-        "enforced), why a stage failed (the check and its measured value) and a few headline metrics.",
+        "enforced), why a stage failed (the check and its measured value) and a few headline metrics. A runs folder "
+        "copied or moved elsewhere has its MLflow store's artifact locations moved with it.",
         epilog="example:\n  dsv3 runs --runs-dir runs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -203,6 +204,14 @@ def runs_folder(path: str | Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"--runs-dir {path} is not writable: pass a folder you can write to")
     return path
+
+
+def flow_runs_dir(path: Path) -> str:
+    """The runs folder as a flow parameter, which Prefect stores (in runs/prefect/): relative to the working
+    directory when it lies inside it, as recipe_path is, so that a flow run retried from a copy of the repository
+    writes into the copy; else absolute."""
+    path, here = Path(path).resolve(), Path.cwd().resolve()
+    return os.path.relpath(path, here) if path.is_relative_to(here) else str(path)
 
 
 def add_set_option(parser: argparse.ArgumentParser) -> None:
@@ -286,9 +295,11 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _runs(args: argparse.Namespace) -> None:
+    from dsv3.mlstore import relocate_store
     from dsv3.stages import headline
     from dsv3.stages.runs import list_runs
 
+    relocate_store(args.runs_dir)  # a copied runs folder: MLflow (`make ui`) shows its own artifacts from now on
     found = list_runs(args.runs_dir)
     if not found:
         print(f"no runs under {args.runs_dir} yet: dsv3 run --recipe recipes/tiny.yaml")

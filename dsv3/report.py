@@ -180,7 +180,7 @@ def report_markdown(run_dir: Path, link_plots: bool = True) -> str:
     lines = [
         f"# Report card: {_md(run_dir.parent.name)} / {_md(run_dir.name)}",
         "",
-        f"Run folder `{_code(str(run_dir))}`, report written {_utc(time.time())}.",
+        f"Run folder `{_code(run_dir.parent.name + '/' + run_dir.name)}` in the runs folder, report written {_utc(time.time())}.",
         "",
         "## What was trained",
         "",

@@ -5,6 +5,11 @@ default is a database in whatever folder you happen to be in, and Lightning's lo
 store that MLflow 3 rejects, so the URI is always passed explicitly). Artifacts go next to the database in
 `<runs dir>/mlartifacts`.
 
+A runs folder is portable: its tags name folders relative to the runs folder (dsv3.runs_dir relative to the
+store's folder: "." for the store inside it), and MLflow, which keeps artifact locations as absolute URIs, has
+them moved to wherever the folder is now when it is opened (`relocate_store`: a copied `runs/` shows its own plots
+and never writes into the original).
+
 While a stage runs, MLFLOW_TRACKING_URI and MLFLOW_RUN_ID point at its nested run, so whatever the stage
 uses to log — Lightning's MLFlowLogger, transformers' MLflowCallback under TRL, a torchrun subprocess —
 lands in that run without the stage knowing about the pipeline; MLflow's system-metrics monitor samples the
@@ -39,6 +44,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from dsv3.errors import classify, disk_full
+from dsv3.mlstore import ARTIFACTS, STORE_DB, relocate_store
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 GIT_COMMIT_TAG = MLFLOW_GIT_COMMIT  # MLflow shows it as the run's "Git commit"
@@ -51,6 +57,7 @@ MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PARAMS_PER_BATCH = 100  # MLflow's limit on params per log_batch
 SYSTEM_METRICS_INTERVAL_S = 10  # MLflow's default: a stage shorter than this logs no sample
+RUNS_DIR_TAG = "dsv3.runs_dir"  # the runs folder a run belongs to, relative to the store's folder
 
 
 def dataset_source(source: str) -> DatasetSource:
@@ -69,7 +76,21 @@ def param_values(params: Mapping[str, Any]) -> dict[str, str]:
 
 def tracking_uri(runs_dir: str | Path) -> str:
     """MLFLOW_TRACKING_URI if set, else the sqlite database inside the runs folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / STORE_DB}"
+
+
+def store_folder(uri: str) -> Path | None:
+    """The folder of a local sqlite store (`sqlite:///<path>`), else None (a server, another database)."""
+    return Path(uri.removeprefix("sqlite:///")).resolve().parent if uri.startswith("sqlite:///") else None
+
+
+def runs_dir_tag(runs_dir: Path, uri: str) -> str:
+    """Tag dsv3.runs_dir: the runs folder relative to a local store's folder ("." for the default store inside
+    it), else its absolute path (a tracking server has no folder to be relative to)."""
+    folder = store_folder(uri)
+    return os.path.relpath(runs_dir, folder) if folder else str(runs_dir)
+
+
 
 
 def stage_run() -> tuple[str, str] | None:
@@ -85,6 +106,8 @@ class Tracker:
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri(self.runs_dir)
+        self.runs_tag = runs_dir_tag(self.runs_dir, self.uri)
+        relocate_store(self.runs_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
@@ -95,7 +118,7 @@ class Tracker:
         experiment_id = (
             found.experiment_id
             if found is not None
-            else self.client.create_experiment(name, artifact_location=(self.runs_dir / "mlartifacts").as_uri())
+            else self.client.create_experiment(name, artifact_location=(self.runs_dir / ARTIFACTS).as_uri())
         )
         if found is None or found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
             self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
@@ -119,7 +142,7 @@ class Tracker:
         """The parent run, finished as FINISHED, FAILED or KILLED. `reopen`: rather than a second run of the same
         name, reopen the newest earlier one whose params equal `params` (its tags updated, last time's failure
         cleared, tag dsv3.pipeline_runs counting the pipeline runs it stands for)."""
-        tags = {"dsv3.runs_dir": str(self.runs_dir), **(tags or {})}
+        tags = {RUNS_DIR_TAG: self.runs_tag, **(tags or {})}
         earlier = self._parent_with(run_name, param_values(params or {})) if reopen else None
         if earlier is None:
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -140,22 +163,27 @@ class Tracker:
 
     def _parent_with(self, run_name: str, params: Mapping[str, str]):
         """The newest parent run of this runs folder named `run_name` whose params are exactly `params`, or None."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`dsv3.runs_dir` = '{self.runs_dir}'",
-            order_by=["attributes.start_time DESC"],
-        )
-        for run in runs:
+        runs = self.client.search_runs([self.experiment_id], order_by=["attributes.start_time DESC"])
+        for run in self._own(runs):
             if run.info.run_name == run_name and "dsv3.stage" not in run.data.tags and run.data.params == params:
                 return run
         return None
+
+    def _own(self, runs: list) -> list:
+        """The runs of this runs folder among `runs` (compared here: MLflow's filter strings cannot quote a value
+        holding both kinds of quote)."""
+        return [run for run in runs if run.data.tags.get(RUNS_DIR_TAG) == self.runs_tag]
+
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to the runs folder, as tags name folders (a copied runs folder keeps its meaning)."""
+        return os.path.relpath(Path(path).resolve(), self.runs_dir)
 
     @contextmanager
     def stage_run(
         self, stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
     ) -> Iterator[str]:
         """A nested run for one stage; the environment points at it while the stage runs."""
-        tags = {"dsv3.stage": stage, "dsv3.runs_dir": str(self.runs_dir), **(tags or {})}
+        tags = {"dsv3.stage": stage, RUNS_DIR_TAG: self.runs_tag, **(tags or {})}
         if self.parent_id:
             tags[PARENT_TAG] = self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
@@ -195,13 +223,10 @@ class Tracker:
             raise
         self.client.set_terminated(run_id, status="FINISHED")
 
-    def close_stale_runs(self, runs_tag: str) -> int:
-        """Mark KILLED the runs of this experiment still RUNNING with tag dsv3.runs_dir = `runs_tag`: their process
-        died (killed, disk full) — the caller holds that runs folder's lock, so no live run can be among them."""
-        stale = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"attributes.status = 'RUNNING' and tags.`dsv3.runs_dir` = '{runs_tag}'",
-        )
+    def close_stale_runs(self) -> int:
+        """Mark KILLED the runs of this experiment and runs folder still RUNNING: their process died (killed, disk
+        full) — the caller holds the runs folder's lock, so no live run can be among them."""
+        stale = self._own(self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'"))
         for run in stale:
             self.client.set_terminated(run.info.run_id, status="KILLED")
         return len(stale)
@@ -241,7 +266,7 @@ class Tracker:
         tags = {
             PARENT_TAG: self.parent_id,
             REUSED_RUN_TAG: run_id,
-            "dsv3.runs_dir": str(self.runs_dir),
+            RUNS_DIR_TAG: self.runs_tag,
             NOTE_TAG: f"Reused: this stage did not run again; its outputs and metrics are those of run {source.info.run_name} "
             f"({self.run_url(run_id)}).",
         }

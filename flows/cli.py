@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dsv3 import STAGE_ORDER
-from dsv3.cli import add_runs_dir_option, add_set_option, exit_with, runs_folder
+from dsv3.cli import add_runs_dir_option, add_set_option, exit_with, flow_runs_dir, runs_folder
 from dsv3.cli import main as dsv3_main
 from dsv3.errors import Failure
 
@@ -133,7 +133,7 @@ def run_ablations(args: argparse.Namespace) -> None:
     runs_dir = runs_folder(args.runs_dir)
     with orchestrated(runs_dir, f"dsv3 ablations --recipes {args.recipes} --seeds {args.seeds}"):
         state = ablations(
-            recipes_dir=args.recipes, runs_dir=str(runs_dir), seeds=args.seeds, only=args.only, return_state=True
+            recipes_dir=args.recipes, runs_dir=flow_runs_dir(runs_dir), seeds=args.seeds, only=args.only, return_state=True
         )
         outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
@@ -150,7 +150,7 @@ def run_probes(args: argparse.Namespace) -> None:
         raise ValueError(f"--seeds {args.seeds}: run at least one seed")
     runs_dir = runs_folder(args.runs_dir)
     with orchestrated(runs_dir, f"dsv3 probes --recipes {args.recipes}"):
-        state = probes(recipes_dir=args.recipes, runs_dir=str(runs_dir), only=args.only, seeds=args.seeds, return_state=True)
+        state = probes(recipes_dir=args.recipes, runs_dir=flow_runs_dir(runs_dir), only=args.only, seeds=args.seeds, return_state=True)
         outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
         raise outcome
@@ -174,7 +174,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
         from flows.pipeline import pipeline
         from flows.seeds import pipeline_over_seeds
 
-        options = dict(recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=str(runs_dir), name=args.name)
+        options = dict(recipe_path=args.recipe, overrides=args.overrides, until=args.until, runs_dir=flow_runs_dir(runs_dir), name=args.name)
         if args.seeds > 1:
             state = pipeline_over_seeds(**options, seeds=args.seeds, return_state=True)
         else:
@@ -206,10 +206,10 @@ def serve_pipeline(args: argparse.Namespace) -> None:
     print(launch_message(api), flush=True)
     pipeline.serve(
         name="dsv3",
-        parameters={"recipe_path": "recipes/tiny.yaml", "runs_dir": str(runs_dir)},
+        parameters={"recipe_path": "recipes/tiny.yaml", "runs_dir": flow_runs_dir(runs_dir)},
         tags=["dsv3"],
         description="The dsv3 pipeline: recipe_path (a recipe YAML relative to the repository), until (a stage), "
-        "overrides (a list of key=value), name (the variant's folder). Runs write to " + str(runs_dir) + ".",
+        "overrides (a list of key=value), name (the variant's folder). Runs write to " + flow_runs_dir(runs_dir) + ".",
         print_starting_message=False,  # Prefect's omits PREFECT_API_URL: in a fresh shell it finds no deployment
     )
 

@@ -68,7 +68,7 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
             raise  # a bug: Prefect shows the traceback
         create_markdown_artifact(
             key=key,
-            markdown=f"# Stage `{stage}` — **failed**\n\n{failure.message}\n\nOutputs: `{workdir}`\n",
+            markdown=f"# Stage `{stage}` — **failed**\n\n{failure.message}\n\nOutputs: `{tracker.relative(workdir)}`\n",
             description=description,
         )
         measured = read_manifest(workdir)  # a failed check still measured: the parent run shows it
@@ -79,7 +79,7 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
     m = outcome.manifest
     create_markdown_artifact(
         key=key,
-        markdown=stage_markdown(stage, outcome.action, outcome.workdir, m.metrics, tracker.run_url(m.mlflow_run_id), outcome.summary),
+        markdown=stage_markdown(stage, outcome.action, tracker.relative(outcome.workdir), m.metrics, tracker.run_url(m.mlflow_run_id), outcome.summary),
         description=description,
     )
     return {
@@ -148,13 +148,13 @@ def run_pipeline(
     root = record_run(runs_dir, recipe, recipe_path)
     tag_flow_run(["dsv3", recipe.name, root.name])
     tracker = Tracker(runs_dir, experiment=f"dsv3-{recipe.name}")
-    tracker.close_stale_runs(str(tracker.runs_dir))
+    tracker.close_stale_runs()
     results, failed = [], None
     tags = {
         "dsv3.recipe": recipe.name,
         "dsv3.variant": root.name,
         "dsv3.recipe_path": str(recipe_path),
-        "dsv3.run_folder": str(root),
+        "dsv3.run_folder": tracker.relative(root),
         "dsv3.code_version": code_version(),
         GIT_COMMIT_TAG: code_version(),
         "prefect.flow_run_id": str(flow_run.id or ""),
@@ -256,7 +256,7 @@ def publish_report(root: Path, recipe: Recipe, tracker: Tracker, parent_run_id: 
     create_markdown_artifact(
         key=artifact_key(recipe, "report"),
         markdown=report_markdown(root, link_plots=False),
-        description=f"report card of {root}; {html_path.name} there has the plots",
+        description=f"report card of {tracker.relative(root)}; {html_path.name} there has the plots",
     )
     for path in (md_path, html_path):
         tracker.log_artifact(parent_run_id, path)
@@ -269,7 +269,8 @@ def artifact_key(recipe: Recipe, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{recipe.name}-{variant_name(recipe)}-{order}-{what}".lower()).strip("-")
 
 
-def stage_markdown(stage: str, action: str, workdir: Path, metrics: dict, run_url: str | None, summary: str) -> str:
+def stage_markdown(stage: str, action: str, workdir: str, metrics: dict, run_url: str | None, summary: str) -> str:
+    """A stage's Prefect artifact: what happened, its folder (relative to the runs folder), MLflow run, metrics."""
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
     run = f"[{run_url}]({run_url})" if run_url else "—"
     return (

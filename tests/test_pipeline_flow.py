@@ -187,5 +187,5 @@ def test_mlflow_compares_two_pipeline_runs_by_their_parent_runs(runs_dir):
     assert {v.run_id for v in versions} == {r.info.run_id for r in pretrains}
     assert {v.tags["dsv3.run_folder"] for v in versions} == set(table["tags.dsv3.run_folder"])
     for v in versions:
-        assert Path(v.tags["dsv3.stage_folder"]).as_uri() + "/model" == v.source and v.tags["dsv3.stage_key"]
+        assert (runs_dir / v.tags["dsv3.stage_folder"]).resolve().as_uri() + "/model" == v.source and v.tags["dsv3.stage_key"]
     assert client.search_registered_models("name = 'dsv3-smoke-tokenizer'") == []  # a tokenizer is no model

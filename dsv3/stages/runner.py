@@ -220,7 +220,7 @@ def run_stage(
         raise_if_failed(manifest)
     else:
         lineage = {f"dsv3.input.{u}": (read_manifest(folder) or manifest).mlflow_run_id or "" for u, folder in inputs.items()}
-        with tracker.stage_run(name, params, tags={"dsv3.output_dir": str(workdir), **lineage}) as run_id:
+        with tracker.stage_run(name, params, tags={"dsv3.output_dir": tracker.relative(workdir), **lineage}) as run_id:
             manifest.mlflow_run_id = run_id
             with tracker.system_metrics(run_id):
                 result = _execute(name, module, recipe, workdir, inputs, manifest)
@@ -233,7 +233,7 @@ def run_stage(
             tracker.set_tags(run_id, {"dsv3.checks": checks_tag(manifest)})
             raise_if_failed(manifest)  # inside the run: MLflow marks it FAILED
             if (workdir / MODEL).is_dir():
-                tracker.register_model(run_id, registered_name(recipe, name), workdir / MODEL, model_tags(root, workdir, key))
+                tracker.register_model(run_id, registered_name(recipe, name), workdir / MODEL, model_tags(tracker, root, workdir, key))
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
 
 
@@ -242,9 +242,10 @@ def registered_name(recipe: Recipe, stage: str) -> str:
     return f"dsv3-{recipe.name}-{stage}"
 
 
-def model_tags(root: Path, workdir: Path, key: StageKey) -> dict[str, str]:
-    """Tags of a registered model version: the run (variant) folder, the stage's own folder and its key."""
-    return {"dsv3.run_folder": str(root), "dsv3.stage_folder": str(workdir), "dsv3.stage_key": key.digest()}
+def model_tags(tracker: Tracker, root: Path, workdir: Path, key: StageKey) -> dict[str, str]:
+    """Tags of a registered model version: the run (variant) folder and the stage's own folder, relative to the runs
+    folder, and the stage's key."""
+    return {"dsv3.run_folder": tracker.relative(root), "dsv3.stage_folder": tracker.relative(workdir), "dsv3.stage_key": key.digest()}
 
 
 def stage_folder(runs_dir, name: str, key: StageKey, fixed: str, current: Path) -> tuple[Path, Manifest | None]:
