@@ -1,6 +1,8 @@
 """flows/runtime.py and `dsv3 run` under signals: Ctrl-C stops a training stage within seconds with one line and
 exit code 130, SIGTERM too (143); no Prefect server process is left behind; the rerun resumes the stage."""
 
+import io
+import logging
 import os
 import signal
 import subprocess
@@ -75,8 +77,19 @@ def test_lightning_lines_print_once_and_without_advertisements(capfd, tmp_path):
 
     setup_logging()
     one_console_for_lightning()
-    build_trainer(LoopSettings.from_pretrain(PretrainSection(steps=1, global_batch_size=2, micro_batch_size=2)), tmp_path, 1, 1, [], False)
-    pl.utilities.rank_zero_info("one record")
-    err = capfd.readouterr().err
+    # console handlers set up by an earlier test may hold an earlier stderr: read what every one of them prints
+    consoles = [
+        h for name in ("", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric")
+        for h in logging.getLogger(name).handlers if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+    ]
+    printed = io.StringIO()
+    streams = [h.setStream(printed) for h in consoles]
+    try:
+        build_trainer(LoopSettings.from_pretrain(PretrainSection(steps=1, global_batch_size=2, micro_batch_size=2)), tmp_path, 1, 1, [], False)
+        pl.utilities.rank_zero_info("one record")
+    finally:
+        for handler, stream in zip(consoles, streams, strict=True):
+            handler.setStream(stream)
+    err = capfd.readouterr().err + printed.getvalue()
     assert err.count("one record") == 1 and "| INFO    | lightning.pytorch.utilities.rank_zero - one record" in err
     assert err.count("GPU available") == 1 and "litlogger" not in err and "Tip" not in err
