@@ -80,7 +80,9 @@ def test_lightning_lines_print_once_and_without_advertisements(capfd, tmp_path):
     # console handlers set up by an earlier test may hold an earlier stderr: read what every one of them prints
     consoles = [
         h for name in ("", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric")
-        for h in logging.getLogger(name).handlers if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+        for h in logging.getLogger(name).handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        and not type(h).__module__.startswith("_pytest")  # pytest's own capture, not a console
     ]
     printed = io.StringIO()
     streams = [h.setStream(printed) for h in consoles]
