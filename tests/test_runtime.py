@@ -77,6 +77,8 @@ def test_lightning_lines_print_once_and_without_advertisements(capfd, tmp_path):
 
     setup_logging()
     one_console_for_lightning()
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):  # an earlier test's dictConfig may
+        logging.getLogger(name).disabled = False  # have disabled loggers that existed then (not so in `dsv3 run`)
     # console handlers set up by an earlier test may hold an earlier stderr: read what every one of them prints
     consoles = [
         h for name in ("", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric")
