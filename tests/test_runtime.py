@@ -88,12 +88,18 @@ def test_lightning_lines_print_once_and_without_advertisements(capfd, tmp_path):
     ]
     printed = io.StringIO()
     streams = [h.setStream(printed) for h in consoles]
+    rich = [h.console for h in consoles if hasattr(h, "console")]  # Prefect's handler prints through a rich Console
+    files = [c.file for c in rich]
+    for console in rich:
+        console.file = printed
     try:
         build_trainer(LoopSettings.from_pretrain(PretrainSection(steps=1, global_batch_size=2, micro_batch_size=2)), tmp_path, 1, 1, [], False)
         pl.utilities.rank_zero_info("one record")
     finally:
         for handler, stream in zip(consoles, streams, strict=True):
             handler.setStream(stream)
+        for console, file in zip(rich, files, strict=True):
+            console.file = file
     err = capfd.readouterr().err + printed.getvalue()
     assert err.count("one record") == 1 and "| INFO    | lightning.pytorch.utilities.rank_zero - one record" in err
     assert err.count("GPU available") == 1 and "litlogger" not in err and "Tip" not in err
