@@ -22,15 +22,13 @@ well under a second.
     dsv3 run --recipe recipes/tiny.yaml [--until tokenizer] [--set key=value ...] [--name VARIANT]
 """
 
-from __future__ import annotations
-
 import errno
 import logging
 import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -51,6 +49,12 @@ from dsv3.stages.runs import recipe_digest, record_run, run_root, variant_name
 from dsv3.tracking import GIT_COMMIT_TAG, PARENT_TAG, Tracker
 
 RECIPE_ARTIFACT = "recipe.yaml"  # the resolved recipe, an artifact of the parent run
+
+# The launch form's `until`: a choice of the stage names. A real annotation, not a string: this module keeps no
+# `from __future__ import annotations`, because a served run gets the flow function pickled by value with only the
+# globals its code names, and a string annotation naming `Stage` or `Literal` would leave Prefect's parameter model
+# "not fully defined" (tests/test_pipeline_flow.py, tests/test_serve.py).
+Stage = Literal[STAGE_ORDER]  # type: ignore[valid-type]
 
 logging.getLogger("dsv3").setLevel(logging.INFO)  # the training's progress lines reach the flow run's logs
 
@@ -118,7 +122,7 @@ def flow_run_name(kind: str = "") -> str:
 def pipeline(
     recipe_path: str = "recipes/tiny.yaml",
     overrides: list[str] | None = None,
-    until: str | None = None,
+    until: Stage | None = None,
     runs_dir: str = "runs",
     name: str | None = None,
     mlflow_parent_run: str | None = None,

@@ -75,6 +75,26 @@ def test_until_must_be_a_stage_of_the_recipe():
         stages_to_run(recipe, "rl")
 
 
+def test_the_launch_form_offers_the_stages_and_a_served_run_accepts_them():
+    """`until` is a dropdown of the stage names in the deployment's parameter schema, and the flow as a served run
+    gets it (pickled by value, with only the globals its code names) still validates its parameters."""
+    import cloudpickle
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    from dsv3 import STAGE_ORDER
+
+    until = parameter_schema(pipeline).model_dump()["properties"]["until"]
+    assert {"enum": list(STAGE_ORDER), "type": "string"} in until["anyOf"] and until["default"] is None
+    assert until["description"].startswith("the last stage to run")
+    served = cloudpickle.loads(cloudpickle.dumps(pipeline))
+    assert served.fn is not pipeline.fn  # by value, as the runner sends it to its subprocess
+    assert served.validate_parameters({"recipe_path": SMOKE, "until": "tokenizer"})["until"] == "tokenizer"
+    assert served.validate_parameters({"recipe_path": SMOKE})["until"] is None
+    with pytest.raises(ParameterTypeError, match="until"):
+        served.validate_parameters({"recipe_path": SMOKE, "until": "tokeniser"})
+
+
 def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir, capsys):
     state = pipeline(
         recipe_path=SMOKE,

@@ -1,6 +1,6 @@
 """`dsv3 serve` (make serve): the pipeline as a Prefect deployment. A real Prefect server, the serve process, and
-a run started through Prefect's client the way the UI's Run button starts it; the run completes, is named after
-the recipe and variant, tagged, and writes its stage."""
+a run started through Prefect's client the way the UI's Run button starts it; the launch form offers the stages as
+a choice for `until`, and the run completes, is named after the recipe and variant, tagged, and writes its stage."""
 
 import os
 import signal
@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from dsv3 import STAGE_ORDER
 from dsv3.config import load_recipe
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runs import run_root
@@ -55,6 +56,10 @@ def test_a_run_started_from_the_deployment_completes(tmp_path):
         )  # fmt: skip
         with temporary_settings({PREFECT_API_URL: api}):
             wait_for(lambda: _deployed(get_client), 120, "the deployment")
+            with get_client(sync_client=True) as client:
+                schema = client.read_deployment_by_name("dsv3-pipeline/dsv3").parameter_openapi_schema
+            until = schema["properties"]["until"]  # what the launch form draws: a dropdown of the stages
+            assert {"enum": list(STAGE_ORDER), "type": "string"} in until["anyOf"], until
             parameters = {"recipe_path": str(RECIPES / "smoke.yaml"), "until": "tokenizer", "runs_dir": str(runs)}
             flow_run = run_deployment("dsv3-pipeline/dsv3", parameters=parameters, timeout=240)
         assert flow_run.state.is_completed(), flow_run.state
