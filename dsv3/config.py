@@ -9,18 +9,19 @@ type or an out-of-range value raises `RecipeError` with one line naming the dott
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dsv3 import STAGE_ORDER
-from dsv3.model import DSV3Config
+
+if TYPE_CHECKING:
+    from dsv3.model import DSV3Config
 
 
 class RecipeError(ValueError):
@@ -97,11 +98,42 @@ class TokenizerSection(Section):
     max_training_bytes: int | None = Field(None, gt=0, description="train on at most this many bytes")
 
 
-class _ModelSectionBase(Section):
+class ModelSection(Section):
     """The network (PAPER.md, "Model"): the fields of DSV3Config (dsv3.model), named as transformers'
-    DeepseekV3Config; defaults are the 671B model's. Validated by building the DSV3Config itself, so the fields and
-    their checks live in one place. `vocab_size: null` = the tokenizer's; `rope_theta` is plain RoPE's base (YaRN is
-    the extend stage's: see the extend section)."""
+    DeepseekV3Config; defaults are the 671B model's. Validated by building the DSV3Config itself, so the checks live
+    in one place. `vocab_size: null` = the tokenizer's; `rope_theta` is plain RoPE's base (YaRN is the extend
+    stage's: see the extend section). The fields are spelled out here, not read from DSV3Config, so that reading a
+    recipe imports neither torch nor transformers until a model section is validated; tests/test_config.py checks
+    that they are DSV3Config's, less MODEL_FIELDS_FROM_ELSEWHERE, with its types and defaults."""
+
+    vocab_size: int | None = Field(None, description="null = the tokenizer's vocabulary size")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    hidden_size: int = Field(7168, description="model width d")
+    intermediate_size: int = Field(18432, description="dense FFN width (the first_k_dense_replace layers)")
+    moe_intermediate_size: int = Field(2048, description="width of each routed / shared expert")
+    num_hidden_layers: int = Field(61, description="transformer blocks")
+    num_attention_heads: int = Field(128, description="heads n_h")
+    n_shared_experts: int = Field(1, description="shared experts N_s")
+    n_routed_experts: int = Field(256, description="routed experts N_r")
+    routed_scaling_factor: float = Field(2.5, description="scale of the routed gate weights")
+    kv_lora_rank: int = Field(512, description="KV compression dimension d_c")
+    q_lora_rank: int | None = Field(1536, description="query compression dimension d'_c; null = none")
+    qk_rope_head_dim: int = Field(64, description="decoupled RoPE head dimension d_h^R")
+    qk_nope_head_dim: int = Field(128, description="per-head query/key dimension d_h")
+    v_head_dim: int = Field(128, description="per-head value dimension")
+    n_group: int | None = Field(8, description="expert groups (node-limited routing)")
+    topk_group: int | None = Field(4, description="groups each token may route to")
+    num_experts_per_tok: int = Field(8, description="routed experts per token K_r")
+    first_k_dense_replace: int = Field(3, description="leading layers with a dense FFN")
+    norm_topk_prob: bool = Field(True, description="normalise the top-k gate weights")
+    max_position_embeddings: int = Field(4096, description="context length the model is built for")
+    initializer_range: float = Field(0.006, description="std of the normal weight init")
+    rms_norm_eps: float = Field(1e-6, description="RMSNorm epsilon")
+    tie_word_embeddings: bool = Field(False, description="share the input embedding and the output head")
+    rope_interleave: bool = Field(True, description="RoPE on adjacent pairs")
+    num_nextn_predict_layers: int = Field(1, description="MTP depth D (0 = none)")
+    scoring_func: str = Field("sigmoid", description='"sigmoid" (V3) or "softmax" (V2) affinities')
+    aux_loss_alpha: float = Field(1e-4, description="α of the complementary sequence-wise balance loss (0 = off)")
 
     @model_validator(mode="after")
     def _builds_a_config(self):
@@ -113,6 +145,9 @@ class _ModelSectionBase(Section):
 
     def config(self, vocab_size: int, **token_ids) -> DSV3Config:
         """The DSV3Config of this section, with the tokenizer's vocabulary size and special token ids."""
+        # torch and transformers: imported when a model section is validated, not with the schema
+        from dsv3.model import DSV3Config
+
         fields = self.model_dump()
         theta = fields.pop("rope_theta")
         fields["vocab_size"] = vocab_size
@@ -121,22 +156,9 @@ class _ModelSectionBase(Section):
 
 # Fields of DSV3Config a recipe does not set: the tokenizer sets the token ids, rope_theta sets rope_parameters, and
 # MLA / SwiGLU / the cache leave no choice.
-_MODEL_FIELDS_FROM_ELSEWHERE = {
+MODEL_FIELDS_FROM_ELSEWHERE = {
     "num_key_value_heads", "hidden_act", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "rope_parameters",
 }  # fmt: skip
-
-ModelSection = create_model(
-    "ModelSection",
-    __base__=_ModelSectionBase,
-    __doc__=_ModelSectionBase.__doc__,
-    vocab_size=(int | None, Field(None, description="null = the tokenizer's vocabulary size")),
-    rope_theta=(float, Field(10000.0, gt=0, description="RoPE base")),
-    **{
-        f.name: (f.type, f.default)
-        for f in dataclasses.fields(DSV3Config)
-        if f.name in DSV3Config.__annotations__ and f.name not in _MODEL_FIELDS_FROM_ELSEWHERE | {"vocab_size"}
-    },
-)
 
 
 class PretrainSection(Section):

@@ -154,3 +154,36 @@ def test_layout_settings_stay_out_of_the_pretrain_key():
         "pretrain.activation_checkpointing_every=3",
     ])  # fmt: skip
     assert layout.section_hash("pretrain") == base.section_hash("pretrain")
+
+
+def test_importing_the_schema_imports_neither_torch_nor_transformers():
+    """`import dsv3.config` (the CLI's recipe checks, the flows' parameter handling) stays light: torch and
+    transformers come in only when a model section is validated."""
+    probe = (
+        "import sys\nimport dsv3.config\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_model_section_holds_the_fields_of_dsv3config():
+    """The recipe's model section spells out DSV3Config's fields (less those set elsewhere) with their types and
+    defaults, in their order: the two cannot drift apart."""
+    import dataclasses
+
+    from dsv3.config import MODEL_FIELDS_FROM_ELSEWHERE, ModelSection
+    from dsv3.model import DSV3Config
+
+    expected = {
+        f.name: (f.type, f.default)
+        for f in dataclasses.fields(DSV3Config)
+        if f.name in DSV3Config.__annotations__ and f.name not in MODEL_FIELDS_FROM_ELSEWHERE
+    }
+    section = {name: (field.annotation, field.default) for name, field in ModelSection.model_fields.items()}
+    assert section.pop("rope_theta") == (float, 10000.0)
+    assert section.pop("vocab_size") == (int | None, None)  # the tokenizer's, unless set
+    expected.pop("vocab_size")
+    assert list(section) == list(expected)
+    assert section == expected
+    assert set(MODEL_FIELDS_FROM_ELSEWHERE) < set(DSV3Config.__annotations__)
