@@ -19,12 +19,14 @@ RELOCATED = (  # MLflow's columns that hold URIs under the runs folder: moved wi
     ("model_versions", "source"),
     ("model_versions", "storage_location"),
 )
+RELOCATED_IN_JSON = (("datasets", "dataset_source"),)  # JSON holding such URIs as strings ({"uri": "file:///..."})
 
 
 def relocate_store(runs_dir: str | Path) -> int:
     """Point the MLflow store of a copied or moved runs folder at the folder where it is now: experiments' artifact
-    locations, runs' artifact URIs and model versions' sources written under the folder it was in (their
-    absolute URIs are how MLflow keeps them) are rewritten to this one. MLflow has no API to change them, so this
+    locations, runs' artifact URIs, model versions' sources and run inputs' dataset sources (files the stages wrote,
+    e.g. the reward stage's pairs) written under the folder it was in (their absolute URIs are how MLflow keeps
+    them) are rewritten to this one. MLflow has no API to change them, so this
     updates its tables (sqlite) in one transaction. Returns how many experiments moved; 0 without a store there."""
     database = Path(runs_dir).resolve() / STORE_DB
     if not database.is_file():
@@ -40,4 +42,6 @@ def relocate_store(runs_dir: str | Path) -> int:
                     f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
                     (new, len(old) + 1, len(old), old),
                 )
+            for table, column in RELOCATED_IN_JSON:
+                db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (f'"{old}', f'"{new}'))
     return len(moved)

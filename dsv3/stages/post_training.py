@@ -2,7 +2,9 @@
 settings they have in common, and the checkpoint / resume / save plumbing around `Trainer.train`.
 
 Checkpoints are `checkpoint-<step>` folders written every save_steps (the last two kept); a rerun of a killed
-stage resumes from the newest complete one (weights, optimizer, scheduler, RNG, data position). Metrics go to
+stage resumes from the newest complete one (weights, optimizer, scheduler, RNG, data position). They keep no
+`training_args.bin` (a pickle naming the absolute output folder, which resuming does not read): a moved runs folder
+names nowhere else. Metrics go to
 the stage's MLflow run through transformers' MLflowCallback (the runner points MLFLOW_RUN_ID at it).
 """
 
@@ -19,8 +21,10 @@ import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import MLflowCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dsv3.config import ProblemsSection
 from dsv3.data.math_tasks import generate_problems
@@ -54,10 +58,30 @@ def shared_arguments(stage: str, output_dir: Path, seed: int, save_steps: int, l
 
 class MLflowUnderTrain(MLflowCallback):
     """transformers' MLflow callback with every metric under `train/`, as the training loop names its own (TRL
-    logs `loss`, `entropy`, `epoch`, ... unprefixed)."""
+    logs `loss`, `entropy`, `epoch`, ... unprefixed), and without the params that are absolute paths of this machine
+    (the Trainer's output_dir, the model's _name_or_path): the stage run's dsv3.output_dir tag says where it wrote,
+    relative to the runs folder, which may move."""
+
+    def __init__(self):
+        super().__init__()
+        self._ml_flow = _ParamsWithoutPaths(self._ml_flow)
 
     def on_log(self, args, state, control, logs, model=None, **kwargs):
         super().on_log(args, state, control, {f"train/{k}": v for k, v in logs.items()}, model=model, **kwargs)
+
+
+class _ParamsWithoutPaths:
+    """The mlflow module as MLflowCallback calls it, its log_params leaving out absolute paths."""
+
+    def __init__(self, mlflow):
+        self._mlflow = mlflow
+
+    def __getattr__(self, name: str):
+        return getattr(self._mlflow, name)
+
+    def log_params(self, params: dict, **kwargs):
+        kept = {k: v for k, v in params.items() if not (isinstance(v, str) and os.path.isabs(v))}
+        return self._mlflow.log_params(kept, **kwargs)
 
 
 class ProgressLog(TrainerCallback):
@@ -141,9 +165,19 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
+class WithoutPickledArguments(TrainerCallback):
+    """Removes the `training_args.bin` the Trainer writes into each checkpoint: a pickle of the TrainingArguments
+    (absolute output_dir included) that resuming never reads, and that nothing here may unpickle."""
+
+    def on_save(self, args, state, control, **kwargs):
+        for pickled in Path(args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINING_ARGS_NAME}"):
+            pickled.unlink(missing_ok=True)
+
+
 def train(trainer: Trainer, checkpoint: Path | None) -> None:
     """trainer.train, resuming from `checkpoint`; on failure, close the MLflow run the MLflowCallback resumed so
     that a retry in the same process can start its own."""
+    trainer.add_callback(WithoutPickledArguments)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException:

@@ -4,7 +4,8 @@
 never leaves half a checkpoint; the last.ckpt it replaces becomes previous.ckpt. A one-process run writes one file,
 an FSDP2 run a sharded folder (dsv3.train.sharded); either resumes the other. A rerun resumes from the newest of the
 two that reads back without running pickled code; one that does not is renamed `<name>.corrupt-<time>` and the run
-says so.
+says so. A checkpoint names no absolute path (PortableModelCheckpoint): a moved runs folder resumes with its best
+checkpoint's score and files where they are now.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dsv3.train.sharded import is_sharded, sharded_step, unsharded
 
@@ -73,6 +75,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial = Path(f"{path}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
         put_in_place(partial, path)
+
+
+class PortableModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose state, saved in every checkpoint, names its files relative to its folder
+    (`dirpath` ".", `best.ckpt`, ...) rather than by absolute paths: a runs folder copied or moved elsewhere resumes
+    with its best score, best and last files where they are now, and never reads or deletes the original's. (Lightning
+    keeps absolute paths and, when the folder differs, drops everything but best_model_path, so the first
+    validation after a move would overwrite best.ckpt whatever its loss.) Loads the absolute state of checkpoints
+    written before, moved as well; its state key is ModelCheckpoint's, so that they find it."""
+
+    PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        here = Path(self.dirpath) if self.dirpath else None
+
+        def relative(path: str) -> str:
+            return str(Path(path).relative_to(here)) if path and here and Path(path).is_relative_to(here) else path
+
+        state["dirpath"] = "." if here else state["dirpath"]
+        state.update({key: relative(state[key]) for key in self.PATHS})
+        state["best_k_models"] = {relative(path): score for path, score in state["best_k_models"].items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath:
+            written_in = None if saved == "." else Path(saved)  # "." (relative) or where an older one was written
+
+            def here(path: str) -> str:
+                if not path:
+                    return path
+                if written_in is not None and Path(path).is_relative_to(written_in):
+                    path = str(Path(path).relative_to(written_in))
+                return str(Path(self.dirpath) / path) if not Path(path).is_absolute() else path
+
+            state_dict = dict(state_dict, dirpath=self.dirpath)
+            state_dict.update({key: here(state_dict[key]) for key in self.PATHS if key in state_dict})
+            state_dict["best_k_models"] = {here(path): v for path, v in state_dict.get("best_k_models", {}).items()}
+        super().load_state_dict(state_dict)
 
 
 def resume_point(checkpoints: Path) -> tuple[Path | None, int]:

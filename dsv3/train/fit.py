@@ -21,14 +21,14 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dsv3.fp8 import FP8BlockwisePrecision, fp8_scaling
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.hf import save_model_folder
-from dsv3.train.checkpoints import AtomicCheckpointIO, resume_point
+from dsv3.train.checkpoints import AtomicCheckpointIO, PortableModelCheckpoint, resume_point
 from dsv3.train.data import PackedRowsData
 from dsv3.train.launch import join_attempt_process_group
 from dsv3.train.module import CausalLMTraining
@@ -93,13 +93,13 @@ def fit(
     checkpoints = Path(folder) / CHECKPOINTS
     interrupts = InterruptRecorder()
     callbacks = [
-        ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=settings.checkpoint_every_n_steps),
+        PortableModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=settings.checkpoint_every_n_steps),
         StepProgressBar(refresh_rate=module.accumulation),
         interrupts,
     ]
     if keep_best:
         callbacks.append(
-            ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False)
+            PortableModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False)
         )
     join_attempt_process_group("gloo" if accelerator(settings) == "cpu" else "nccl")  # a torchrun restart's own
     trainer = build_trainer(settings, folder, plan.steps, module.accumulation, callbacks, logger)
