@@ -2,7 +2,8 @@
 
 Pure wiring of `dsv3.stages`: the runner decides skip / resume / rerun from each stage's manifest and judges its
 health checks; this flow adds Prefect's view of it — a task per stage with the recipe's retries (for crashes
-only: bad input and failed checks are not retried), a markdown artifact per stage (in stage order, its MLflow run
+only: bad input and failed checks are not retried), waiting on the stages it reads (the graph's only edges), a
+reused stage's task Completed in a state named Cached, a markdown artifact per stage (in stage order, its MLflow run
 linked), progress lines in the logs, and at the end the run's report card (`dsv3.report`) as a Prefect artifact
 and as files of the MLflow parent run. Flow runs are named `<recipe>-<variant>-<time>` and tagged dsv3, the
 recipe and the variant.
@@ -36,12 +37,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
+from prefect.utilities.annotations import quote
 
 from dsv3.config import STAGE_ORDER, Recipe, flatten, load_recipe
 from dsv3.errors import StageFailed, classify
 from dsv3.report import report_markdown, write_report
-from dsv3.stages import headline
+from dsv3.stages import get_stage, headline, stage_inputs
 from dsv3.stages.lock import runs_lock
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import code_version, run_stage
@@ -49,6 +51,7 @@ from dsv3.stages.runs import recipe_digest, record_run, run_root, variant_name
 from dsv3.tracking import GIT_COMMIT_TAG, PARENT_TAG, Tracker
 
 RECIPE_ARTIFACT = "recipe.yaml"  # the resolved recipe, an artifact of the parent run
+REUSED_STATE = "Cached"  # the state name (a Completed state) of a stage task that reused a finished stage
 
 # The launch form's `until`: a choice of the stage names. A real annotation, not a string: this module keeps no
 # `from __future__ import annotations`, because a served run gets the flow function pickled by value with only the
@@ -86,7 +89,7 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
         markdown=stage_markdown(stage, outcome.action, tracker.relative(outcome.workdir), m.metrics, tracker.run_url(m.mlflow_run_id), outcome.summary),
         description=description,
     )
-    return {
+    result = {
         "stage": stage,
         "action": outcome.action,
         "workdir": str(outcome.workdir),
@@ -95,6 +98,9 @@ def run_and_publish(stage: str, recipe: Recipe, runs_dir: str, tracker: Tracker,
         "parent_run_id": tracker.parent_id,
         "failed_checks": [c["name"] for c in m.failed_checks],
     }
+    if outcome.action == "skipped":  # reused from the stage store: the graph and the task list say so
+        return Completed(name=REUSED_STATE, message=f"reused: {stage} finished earlier with the same inputs", data=result)
+    return result
 
 
 def retry_crashes_only(task, task_run, state: State) -> bool:
@@ -210,12 +216,19 @@ def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, tracker: Tracke
     """Each stage as a Prefect task, in order, appending their results and logging their headline metrics to the
     parent run, until one fails; returns that failure ({"stage", "failure": {"kind", "message"}}) or None."""
     logger = get_run_logger()
+    states: dict[str, State] = {}
     for stage in stages:
         started = time.time()
         task_with_options = stage_task.with_options(
             name=f"stage-{stage}", retries=recipe.pipeline.retries, retry_delay_seconds=recipe.pipeline.retry_delay_s
         )
-        state = task_with_options(stage, recipe.model_dump(mode="json"), str(runs_dir), tracker.parent_id, return_state=True)
+        # The graph's edges are the stages' inputs (wait_for); the arguments are quoted, because Prefect otherwise
+        # draws an edge from any earlier task whose result holds the same object (the parent run id every stage
+        # returns, or a recycled id())
+        upstream = [states[name] for name in stage_inputs(get_stage(stage), recipe) if name in states]
+        arguments = (stage, recipe.model_dump(mode="json"), str(runs_dir), tracker.parent_id)
+        state = task_with_options(*map(quote, arguments), wait_for=upstream, return_state=True)
+        states[stage] = state
         result = state.result(raise_on_failure=False)
         if state.is_failed():
             failed = result if isinstance(result, dict) else {"stage": stage, "failure": asdict(classify(result))}

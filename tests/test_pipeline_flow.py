@@ -4,6 +4,7 @@ a deleted output, and records one parent and one nested MLflow run per stage tha
 import os
 import shutil
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,42 @@ def test_the_launch_form_offers_the_stages_and_a_served_run_accepts_them():
     assert served.validate_parameters({"recipe_path": SMOKE})["until"] is None
     with pytest.raises(ParameterTypeError, match="until"):
         served.validate_parameters({"recipe_path": SMOKE, "until": "tokeniser"})
+
+
+def test_the_graph_draws_the_stage_inputs_and_a_reused_stage_as_cached(runs_dir):
+    """In Prefect, pretrain's task waits on tokenizer's (its input) and on nothing else — no edge through a shared
+    argument — and a rerun's tasks end Completed in a state named Cached, not as if they had run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import REUSED_STATE
+    from flows.runtime import _flush_to_server
+
+    def task_runs(client, flow_run_id) -> dict:
+        """name -> task run, once both have reached a final state (the states arrive as events)."""
+        only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        for _ in range(60):
+            runs = {r.name.rsplit("-", 1)[0]: r for r in client.read_task_runs(flow_run_filter=only)}
+            if len(runs) == 2 and all(r.state and r.state.is_final() for r in runs.values()):
+                return runs
+            time.sleep(0.5)
+        raise AssertionError(f"task runs not final: {runs}")
+
+    with prefect_api(runs_dir):
+        first = pipeline(recipe_path=SMOKE, until="pretrain", runs_dir=str(runs_dir), return_state=True)
+        second = pipeline(recipe_path=SMOKE, until="pretrain", runs_dir=str(runs_dir), return_state=True)
+        _flush_to_server()
+        with get_client(sync_client=True) as client:
+            ran = task_runs(client, first.state_details.flow_run_id)
+            reused = task_runs(client, second.state_details.flow_run_id)
+    assert [r["action"] for r in second.result()] == ["skipped", "skipped"]
+    for runs in (ran, reused):
+        tokenizer, pretrain = runs["stage-tokenizer"], runs["stage-pretrain"]
+        assert [i.id for i in pretrain.task_inputs.get("wait_for", [])] == [tokenizer.id]
+        assert not any(tokenizer.task_inputs.values())
+        assert not any(inputs for name, inputs in pretrain.task_inputs.items() if name != "wait_for")
+    assert {r.state.name for r in ran.values()} == {"Completed"}
+    assert {r.state.name for r in reused.values()} == {REUSED_STATE} and all(r.state.is_completed() for r in reused.values())
 
 
 def test_a_failed_check_fails_the_flow_and_runs_nothing_after_it(runs_dir, capsys):
