@@ -173,7 +173,8 @@ def build_parser(add_commands: Callable | None = None) -> argparse.ArgumentParse
         "compare",
         help="two runs side by side: recipe differences and every stage's headline metrics",
         description="Print where two runs' resolved recipes differ and each stage's headline metrics side by side "
-        "(B − A), and write the same as an HTML page under <runs-dir>/compare/.",
+        "(B − A), and write the same as an HTML page under <runs-dir>/compare/, with both runs' pretraining losses in one "
+        "plot and links to their MLflow runs.",
         epilog="example (after the examples of dsv3 run --help):\n  dsv3 compare tiny/lr1e-3 tiny",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -319,14 +320,15 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from dsv3.report import compare_markdown, markdown_to_html
+    from dsv3.report import compare_curves_and_links, compare_markdown, markdown_to_html
     from dsv3.stages.runs import resolve_run, view
 
     a, b = (view(resolve_run(spec, args.runs_dir)) for spec in (args.a, args.b))
     print(compare_markdown(a, b, plain=True))
-    text = compare_markdown(a, b)
     out = Path(args.runs_dir) / "compare" / f"{a.label}__vs__{b.label}".replace("/", "_")
     out.parent.mkdir(parents=True, exist_ok=True)
+    image = out.with_name(out.name + "__losses.png")
+    text = compare_markdown(a, b) + "\n" + compare_curves_and_links(a, b, Path(args.runs_dir), image)
     html_path = out.with_suffix(".html")
     write_text_atomic(html_path, markdown_to_html(text, out.parent, f"dsv3: {a.label} vs {b.label}"))
     print(f"wrote {html_path}")

@@ -249,6 +249,31 @@ def compare_markdown(a: RunView, b: RunView, plain: bool = False) -> str:
     return "\n".join(lines)
 
 
+def compare_curves_and_links(a: RunView, b: RunView, runs_dir: Path, image: Path) -> str:
+    """What `dsv3 compare` adds to its HTML page: both runs' pretraining losses in one plot (written to `image`,
+    embedded by markdown_to_html when it lies under its folder) and a link to each run's MLflow parent run."""
+    from dsv3.stages.pretrain import RESULT
+    from dsv3.tracking import parent_run_page
+    from dsv3.train.plots import plot_compared_losses
+
+    lines = ["## Loss curves", ""]
+    histories = {}
+    for side, run in (("A", a), ("B", b)):
+        result = run.root / "pretrain" / RESULT
+        if result.is_file():  # keyed by side too: a run compared with itself still draws two
+            histories[f"{side}: {run.label}"] = json.loads(result.read_text()).get("history", [])
+    if any(histories.values()):
+        plot_compared_losses(histories, image, f"Pretraining loss: {a.label} (A) vs {b.label} (B)")
+        lines += [f"![pretraining losses of both runs]({quote(image.name)})", ""]
+    if len(histories) < 2:
+        lines += [f"Pretraining losses recorded by: {', '.join(map(_md, histories)) or 'neither run'}.", ""]
+    lines += ["## MLflow", ""]
+    for side, run in (("A", a), ("B", b)):
+        page = parent_run_page(runs_dir, run.root.parent.name, run.root.name)
+        lines.append(f"- {side}: [{_md(run.label)}]({page})" if page else f"- {side}: {_md(run.label)} (no MLflow run)")
+    return "\n".join([*lines, ""])
+
+
 def markdown_to_html(text: str, run_dir: Path, title: str) -> str:
     """A standalone HTML page of `text`; images under `run_dir` become data URIs, raw HTML is escaped."""
     md = markdown.Markdown(extensions=["tables", "toc"])

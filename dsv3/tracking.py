@@ -93,6 +93,32 @@ def runs_dir_tag(runs_dir: Path, uri: str) -> str:
 
 
 
+def run_page(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI (`make ui`, or DSV3_MLFLOW_UI)."""
+    base = os.environ.get("DSV3_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+
+
+def parent_run_page(runs_dir: str | Path, recipe: str, variant: str) -> str | None:
+    """The MLflow UI page of the parent run of runs/<recipe>/<variant> (the newest, of this runs folder), or None
+    where there is none. Opens the store only where it exists: creates nothing."""
+    runs_dir = Path(runs_dir).resolve()
+    uri = tracking_uri(runs_dir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    relocate_store(runs_dir)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(f"dsv3-{recipe}")
+    if experiment is None:
+        return None
+    runs_tag = runs_dir_tag(runs_dir, uri)
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"]):
+        tags = run.data.tags
+        if run.info.run_name == f"{recipe}/{variant}" and "dsv3.stage" not in tags and tags.get(RUNS_DIR_TAG) == runs_tag:
+            return run_page(experiment.experiment_id, run.info.run_id)
+    return None
+
+
 def stage_run() -> tuple[str, str] | None:
     """(tracking URI, run id) of the stage run in progress, for loggers inside a stage; None outside one."""
     uri, run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
@@ -126,10 +152,7 @@ class Tracker:
 
     def run_url(self, run_id: str | None) -> str | None:
         """The run's page in the MLflow UI (`make ui`, or DSV3_MLFLOW_UI)."""
-        if not run_id:
-            return None
-        base = os.environ.get("DSV3_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+        return run_page(self.experiment_id, run_id) if run_id else None
 
     @contextmanager
     def pipeline_run(

@@ -176,3 +176,35 @@ def test_compare_prints_plain_text_and_writes_escaped_markdown(tmp_path):
     assert "| data.weights | [0.1, 0.5] | [0.2, 0.5] |" in compare_markdown(a, b, plain=True)
     assert "# smoke/a vs smoke/b_1" in compare_markdown(a, b, plain=True)
     assert r"| data.weights | \[0.1, 0.5\] | \[0.2, 0.5\] |" in compare_markdown(a, b)
+
+
+def test_compare_html_overlays_both_runs_losses_and_links_their_mlflow_runs(tmp_path, monkeypatch):
+    """`dsv3 compare`'s page: one plot with both runs' pretraining losses (embedded), and each run's MLflow parent
+    run linked — or said to be missing."""
+    import dsv3.train.plots as plots
+    from dsv3.report import compare_curves_and_links, markdown_to_html
+    from dsv3.stages.runs import RunView
+    from dsv3.tracking import Tracker
+
+    monkeypatch.delenv("DSV3_MLFLOW_UI", raising=False)
+    runs = tmp_path / "runs"
+    a, b = RunView(runs / "smoke" / "a", {}, {}), RunView(runs / "smoke" / "b", {}, {})
+    for run, scale in ((a, 1.0), (b, 0.9)):
+        (run.root / "pretrain").mkdir(parents=True)
+        history = [{"step": s, "train/ce": scale * 6 / s} for s in range(1, 9)] + [{"step": 8, "val/loss": scale}]
+        (run.root / "pretrain" / "train_result.json").write_text(json.dumps({"history": history}))
+    tracker = Tracker(runs, experiment="dsv3-smoke")
+    with tracker.pipeline_run("smoke/a") as parent_id:
+        pass
+    drawn = []
+    real = plots.plot_compared_losses
+    monkeypatch.setattr(plots, "plot_compared_losses", lambda histories, *rest: drawn.append(list(histories)) or real(histories, *rest))
+    image = runs / "compare" / "smoke_a__vs__smoke_b__losses.png"
+    image.parent.mkdir()
+
+    text = compare_curves_and_links(a, b, runs, image)
+    assert drawn == [["A: smoke/a", "B: smoke/b"]] and image.is_file()
+    assert f"- A: [smoke/a](http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{parent_id}?" in text
+    assert "- B: smoke/b (no MLflow run)" in text
+    page = markdown_to_html(text, image.parent, "a vs b")
+    assert "data:image/png;base64," in page and f'href="http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{parent_id}' in page

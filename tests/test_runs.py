@@ -65,6 +65,8 @@ def test_two_variants_share_the_stage_they_agree_on_and_keep_the_rest(runs_dir, 
     assert "| tokenizer | bytes_per_token_validation |" in table
     html = next((runs_dir / "compare").glob("*.html")).read_text()
     assert "<table>" in html and "vocab_size" in html
+    assert "Pretraining losses recorded by: neither run" in html and "(no MLflow run)" in html  # none tracked here
+    assert not (runs_dir / "mlflow.db").exists()  # looking for the MLflow runs created no store
 
 
 def test_hardware_only_settings_make_neither_a_variant_nor_a_stage_key():

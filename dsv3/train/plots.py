@@ -46,6 +46,22 @@ def plot_losses(
     return _finish(fig, ax, path)
 
 
+def plot_compared_losses(histories: dict[str, list[dict[str, float]]], path: Path, title: str) -> Path:
+    """Several runs' training CE (lines) and validation loss (dashed, dots) against optimizer steps in one plot,
+    one colour per run ({label: history})."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, history), color in zip(histories.items(), colors, strict=False):
+        for key, style in (("train/ce", {}), ("val/loss", {"linestyle": "--", "marker": "o", "markersize": 3})):
+            steps, values = _series(history, key)
+            if steps:
+                ax.plot(steps, values, color=color, label=f"{label}: {key}", **style)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    return _finish(fig, ax, path)
+
+
 def plot_expert_load(expert_load: torch.Tensor, row_labels: list[str], path: Path, title: str) -> Path:
     """Heatmap of expert_load (layers × experts) as each expert's share relative to the layer mean (1 = even)."""
     load = expert_load.double()
