@@ -347,13 +347,34 @@ def stage_log(workdir: Path) -> Iterator[None]:
         handler.close()
 
 
+@contextmanager
+def library_bars_off() -> Iterator[None]:
+    """No progress bars from datasets (map, filter, save_to_disk: TRL's dataset preparation too) or transformers
+    (loading weights, writing model shards at every checkpoint) while a stage runs: each call drew a bar of its own,
+    so the terminal filled with bars for a few milliseconds of work. The stage's training bar (Lightning's, or
+    transformers' Trainer through tqdm itself) and its log lines stay."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_off, transformers_on = datasets.are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not datasets_off:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+
+
 def _execute(
     name: str, module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
 ) -> StageResult:
     """Run the stage and write its manifest: running, then completed or failed (judged by its checks)."""
     write_manifest(workdir, manifest)
     try:
-        with stage_log(workdir):
+        with stage_log(workdir), library_bars_off():
             result: StageResult = module.run(recipe, workdir, inputs)
         manifest.outputs = hash_outputs(workdir, result.outputs)
     except BaseException as error:
