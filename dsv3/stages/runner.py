@@ -268,11 +268,12 @@ def registered_description(recipe: Recipe, stage: str) -> str:
 
 
 def version_description(name: str, manifest: Manifest, tracker: Tracker, root: Path, workdir: Path) -> str:
-    """A model version's description: the variant and stage folder that wrote it, the code, the headline metrics."""
+    """A model version's description: the variant (first: what the versions table shows) and stage folder that
+    wrote it, the code, the headline metrics."""
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in headline(name, manifest.metrics).items())
-    return (
-        f"Stage `{name}` of run `{tracker.relative(root)}` (folder `{tracker.relative(workdir)}`, code "
-        f"{manifest.code_version})." + (f" {metrics}." if metrics else "")
+    return (  # plain text: the UI's versions table shows its start unrendered
+        f"Run {tracker.relative(root)}, stage {name} (folder {tracker.relative(workdir)}, code "
+        f"{manifest.code_version})" + (f": {metrics}." if metrics else ".")
     )
 
 
