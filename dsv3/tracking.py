@@ -337,16 +337,31 @@ class Tracker:
             tags=[InputTag(MLFLOW_DATASET_CONTEXT, data.context)],
         )
 
-    def register_model(self, run_id: str, name: str, folder: str | Path, tags: Mapping[str, str]) -> int:
+    def register_model(
+        self,
+        run_id: str,
+        name: str,
+        folder: str | Path,
+        tags: Mapping[str, str],
+        description: str = "",
+        model_description: str = "",
+        model_tags: Mapping[str, str] | None = None,
+    ) -> int:
         """A new version of registered model `name` (created on first use) from `folder`, linked to the run that
-        wrote it and tagged; returns the version. `models:/<name>/latest` is the newest (MLflow reserves the alias
-        name `latest` for exactly that)."""
+        wrote it, tagged and described (`description`: the version's, shown in its page and the versions table);
+        returns the version. The registered model itself gets `model_description` and `model_tags` (the Tags
+        column of the UI's model list), rewritten on every registration so a registry written by older code
+        catches up. `models:/<name>/latest` is the newest (MLflow reserves the alias name `latest` for that)."""
         try:
-            self.client.create_registered_model(name)
+            self.client.create_registered_model(name, tags=dict(model_tags or {}), description=model_description or None)
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+            if model_description:
+                self.client.update_registered_model(name, description=model_description)
+            for key, value in (model_tags or {}).items():
+                self.client.set_registered_model_tag(name, key, value)
         version = self.client.create_model_version(
-            name, source=Path(folder).resolve().as_uri(), run_id=run_id, tags=dict(tags)
+            name, source=Path(folder).resolve().as_uri(), run_id=run_id, tags=dict(tags), description=description or None
         )
         return version.version

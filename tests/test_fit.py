@@ -20,12 +20,15 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-def test_smoke_pretraining_twice_is_bit_identical(tmp_path, two_threads):
+def test_smoke_pretraining_twice_is_bit_identical(tmp_path, two_threads, capfd):
     outcomes = []
     for folder in ("first", "second"):
         recipe = load_recipe(RECIPES / "smoke.yaml", ["pretrain.steps=8"])
         run_stage("tokenizer", recipe, tmp_path / folder)
         outcomes.append(run_stage("pretrain", recipe, tmp_path / folder))
+    printed = capfd.readouterr()
+    # one training bar; validation is a log line, not a second bar (a line per batch in a pipe or log file)
+    assert "Epoch 0" in printed.out + printed.err and "Validation" not in printed.out + printed.err
     first, second = (o.manifest.metrics for o in outcomes)
     for key in ("final_val_loss", "final_train_loss", "final_val_maxvio_global", "best_val_loss"):
         assert first[key] == second[key], key  # exactly, not approximately

@@ -245,4 +245,11 @@ def test_mlflow_compares_two_pipeline_runs_by_their_parent_runs(runs_dir):
     assert {v.tags["dsv3.run_folder"] for v in versions} == set(table["tags.dsv3.run_folder"])
     for v in versions:
         assert (runs_dir / v.tags["dsv3.stage_folder"]).resolve().as_uri() + "/model" == v.source and v.tags["dsv3.stage_key"]
+        # the UI's version page and versions table: which run, which folder, the headline numbers
+        assert v.description.startswith(f"Run {v.tags['dsv3.run_folder']}, stage pretrain (folder {v.tags['dsv3.stage_folder']}, ")
+        assert "final_val_loss " in v.description
+    model = client.get_registered_model("dsv3-smoke-pretrain")
+    assert model.tags == {"dsv3.recipe": "smoke", "dsv3.stage": "pretrain"}
+    assert model.description.startswith("Pretraining stage of the dsv3 recipe `smoke`")
+    assert "models:/dsv3-smoke-pretrain/latest" in model.description
     assert client.search_registered_models("name = 'dsv3-smoke-tokenizer'") == []  # a tokenizer is no model

@@ -150,3 +150,19 @@ def test_stage_needs_its_section_and_the_sft_model(tmp_path):
         reward.run(recipe, tmp_path / "reward", {"sft": tmp_path / "sft"})
     with pytest.raises(ValueError, match="run the pipeline up to sft"):
         reward.run(smoke(), tmp_path / "reward", {"sft": tmp_path / "sft"})
+
+
+def test_the_reward_model_starts_from_the_sft_network_without_a_load_report(sft_model, tmp_path, capfd):
+    """transformers reports the LM head left unused and the fresh score head as a warning table on every load;
+    the stage checks exactly that itself, and a folder that is not the SFT network still stops it."""
+    model = reward.reward_model_from(sft_model)
+    sft = DSV3ForCausalLM.from_pretrained(sft_model)
+    assert torch.equal(model.model.embed_tokens.weight, sft.model.embed_tokens.weight)
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "not sharded" not in err  # nor the TP-plan check a logger level would start
+    broken = tmp_path / "broken"
+    shutil.copytree(sft_model, broken)
+    config = (broken / "config.json").read_text()
+    (broken / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    with pytest.raises(ValueError, match=r"missing \[.model\.layers\."):
+        reward.reward_model_from(broken)

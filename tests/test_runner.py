@@ -289,3 +289,46 @@ def test_a_stages_log_records_are_kept_in_its_folder(stage, runs_dir, monkeypatc
     outcome = run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs_dir)
     assert "WARNING dsv3.train: step 10/10: loss 1.25" in (outcome.workdir / STAGE_LOG).read_text()
     assert logging.getLogger().handlers == handlers  # the file is let go when the stage ends
+
+
+def test_a_stage_draws_no_library_bars_but_keeps_its_training_bar(stage, runs_dir, monkeypatch, capfd):
+    """datasets (map, save_to_disk: TRL's dataset preparation too) and transformers (loading weights, writing the
+    shards of every checkpoint) each drew a bar per call; tqdm itself, which the training bars use, still draws."""
+    import datasets
+    import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    run = stage.run
+
+    def drawing_run(recipe, workdir, inputs):
+        rows = datasets.Dataset.from_dict({"x": list(range(4))}).map(lambda r: r, desc="tokenizing")
+        rows.save_to_disk(str(workdir.parent / "rows"))
+        for _ in transformers_logging.tqdm(range(2), desc="Writing model shards"):
+            pass
+        for _ in tqdm.tqdm(range(2), desc="Epoch 0"):
+            pass
+        return run(recipe, workdir, inputs)
+
+    monkeypatch.setattr(stage, "run", drawing_run)
+    run_stage("tokenizer", load_recipe(RECIPES / "smoke.yaml"), runs_dir)
+    err = capfd.readouterr().err
+    assert "Epoch 0" in err
+    assert "tokenizing" not in err and "Saving the dataset" not in err and "Writing model shards" not in err
+    assert transformers_logging.is_progress_bar_enabled() and not datasets.are_progress_bars_disabled()
+
+
+def test_post_training_pins_memory_only_for_an_accelerator(tmp_path):
+    """torch warns at every epoch's loader when memory pinning is asked for without an accelerator."""
+    import warnings
+
+    import torch
+    from transformers import TrainingArguments
+
+    from dsv3.stages.post_training import shared_arguments
+
+    args = TrainingArguments(**shared_arguments("sft", tmp_path, 0, 10, 1))
+    assert args.dataloader_pin_memory == torch.accelerator.is_available()
+    loader = torch.utils.data.DataLoader(list(range(4)), pin_memory=args.dataloader_pin_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(iter(loader))

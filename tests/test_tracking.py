@@ -59,15 +59,23 @@ def test_a_model_folder_is_a_new_registered_version_and_latest_loads_it(tmp_path
     import mlflow
 
     tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
+    client = MlflowClient(tracker.uri)
+    client.create_registered_model("dsv3-smoke-sft")  # as older code left it: no description, no tags
     versions = []
     for attempt in ("a", "b"):
         (tmp_path / attempt).mkdir()
         (tmp_path / attempt / "config.json").write_text(attempt)
         with tracker.stage_run("sft", {}) as run_id:
-            versions.append(tracker.register_model(run_id, "dsv3-smoke-sft", tmp_path / attempt, {"dsv3.stage_key": attempt}))
+            versions.append(tracker.register_model(
+                run_id, "dsv3-smoke-sft", tmp_path / attempt, {"dsv3.stage_key": attempt}, description=f"run {attempt}",
+                model_description=f"sft models ({attempt})", model_tags={"dsv3.stage": "sft"},
+            ))  # fmt: skip
     assert versions == [1, 2]
-    version = MlflowClient(tracker.uri).get_model_version("dsv3-smoke-sft", "2")
-    assert version.run_id == run_id and version.tags == {"dsv3.stage_key": "b"}
+    version = client.get_model_version("dsv3-smoke-sft", "2")
+    assert version.run_id == run_id and version.tags == {"dsv3.stage_key": "b"} and version.description == "run b"
+    assert client.get_model_version("dsv3-smoke-sft", "1").description == "run a"
+    model = client.get_registered_model("dsv3-smoke-sft")  # what the UI's model list and model page show
+    assert model.description == "sft models (b)" and model.tags == {"dsv3.stage": "sft"}
     mlflow.set_registry_uri(tracker.uri)
     latest = mlflow.artifacts.download_artifacts("models:/dsv3-smoke-sft/latest", dst_path=str(tmp_path / "got"))
     assert (Path(latest) / "config.json").read_text() == "b"

@@ -53,6 +53,7 @@ def shared_arguments(stage: str, output_dir: Path, seed: int, save_steps: int, l
         "logging_first_step": True,
         "report_to": [],  # MLflow through MLflowUnderTrain (attach_logging), progress through ProgressLog
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.accelerator.is_available(),  # else torch warns at every epoch's loader
     }
 
 

@@ -21,6 +21,7 @@ Resumable: the pairs are written once to `pairs.json` (the SFT samples are not d
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections import defaultdict
@@ -72,7 +73,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
     pairs = load_or_build_pairs(workdir / PAIRS, cfg, recipe.seed, sft_model, tokenizer)
 
-    model = DSV3ForSequenceClassification.from_pretrained(sft_model, num_labels=1)
+    model = reward_model_from(sft_model)
     before = pair_accuracy(model, tokenizer, pairs["heldout"])
     trainer = RewardTrainer(
         model=model,
@@ -117,6 +118,34 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         "heldout_pairs": StageData(datasets.Dataset.from_list(pairs["heldout"]), str(workdir / PAIRS), "evaluation"),
     }
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=[PLOT], summary=summary, data=data)
+
+
+class NoLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+NO_LOAD_REPORT = NoLoadReport()
+
+
+def reward_model_from(sft_model: Path) -> DSV3ForSequenceClassification:
+    """The SFT network under a fresh score head. transformers prints what that load does — LM head unused, score
+    head new — as a warning table on every run: checked here instead, and anything else missing, left over or
+    of another shape stops the stage."""
+    logger = logging.getLogger("transformers.modeling_utils")  # not its level: transformers 5.24 runs a TP-plan
+    logger.addFilter(NO_LOAD_REPORT)  # check (and warns of unsharded layers) only while that is WARNING or above
+    try:
+        model, info = DSV3ForSequenceClassification.from_pretrained(sft_model, num_labels=1, output_loading_info=True)
+    finally:
+        logger.removeFilter(NO_LOAD_REPORT)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+    if missing or unexpected or info["mismatched_keys"]:
+        raise ValueError(
+            f"{sft_model} is not the network the reward model starts from: missing {missing}, unexpected "
+            f"{unexpected}, other shapes {[k for k, *_ in info['mismatched_keys']]}"
+        )
+    return model
 
 
 def check_recipe(recipe: Recipe) -> RewardSection:

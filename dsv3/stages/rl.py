@@ -21,6 +21,7 @@ Resumable: checkpoints in `checkpoints/checkpoint-<step>`; a rerun resumes from 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import datasets
@@ -151,6 +152,8 @@ def build_trainer(
     policy, tokenizer, reward_model, reward_tokenizer, cfg: RlSection, workdir: Path, seed: int
 ) -> GRPOTrainer:
     """GRPOTrainer on conversational prompts of generated train problems; rewards in REWARD_NAMES order."""
+    # TRL 1.16 reads model.is_gradient_checkpointing at every generation, deprecated in transformers 5.24
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     problems = recipe_problems(cfg, "train", seed)
     args = grpo_config(cfg, workdir / CHECKPOINTS, seed)
     reward_model.to(args.device)

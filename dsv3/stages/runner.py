@@ -30,7 +30,7 @@ from typing import Literal
 import dsv3
 from dsv3.config import Recipe, flatten
 from dsv3.errors import StageFailed, classify
-from dsv3.stages import StageResult, get_stage, stage_inputs
+from dsv3.stages import StageResult, get_stage, headline, stage_inputs
 from dsv3.stages.fingerprint import content_hash
 from dsv3.stages.health import judge
 from dsv3.stages.manifest import (
@@ -233,7 +233,15 @@ def run_stage(
             tracker.set_tags(run_id, {"dsv3.checks": checks_tag(manifest)})
             raise_if_failed(manifest)  # inside the run: MLflow marks it FAILED
             if (workdir / MODEL).is_dir():
-                tracker.register_model(run_id, registered_name(recipe, name), workdir / MODEL, model_tags(tracker, root, workdir, key))
+                tracker.register_model(
+                    run_id,
+                    registered_name(recipe, name),
+                    workdir / MODEL,
+                    model_tags(tracker, root, workdir, key),
+                    description=version_description(name, manifest, tracker, root, workdir),
+                    model_description=registered_description(recipe, name),
+                    model_tags={"dsv3.recipe": recipe.name, "dsv3.stage": name},
+                )
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
 
 
@@ -246,6 +254,27 @@ def model_tags(tracker: Tracker, root: Path, workdir: Path, key: StageKey) -> di
     """Tags of a registered model version: the run (variant) folder and the stage's own folder, relative to the runs
     folder, and the stage's key."""
     return {"dsv3.run_folder": tracker.relative(root), "dsv3.stage_folder": tracker.relative(workdir), "dsv3.stage_key": key.digest()}
+
+
+def registered_description(recipe: Recipe, stage: str) -> str:
+    """The registered model's description in MLflow's UI: what its versions are and how they are tagged."""
+    what = (get_stage(stage).__doc__ or f"{stage} stage").split("\n")[0].split(" (")[0].rstrip(".")
+    return (
+        f"{what} of the dsv3 recipe `{recipe.name}`: a version per run that trained it, its source run the stage's "
+        "MLflow run (nested under the variant's pipeline run). Version tags: `dsv3.run_folder` (the variant) and "
+        "`dsv3.stage_folder` (the model is its `model/`), both relative to the runs folder, and `dsv3.stage_key`. "
+        f"`models:/{registered_name(recipe, stage)}/latest` loads the newest."
+    )
+
+
+def version_description(name: str, manifest: Manifest, tracker: Tracker, root: Path, workdir: Path) -> str:
+    """A model version's description: the variant (first: what the versions table shows) and stage folder that
+    wrote it, the code, the headline metrics."""
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in headline(name, manifest.metrics).items())
+    return (  # plain text: the UI's versions table shows its start unrendered
+        f"Run {tracker.relative(root)}, stage {name} (folder {tracker.relative(workdir)}, code "
+        f"{manifest.code_version})" + (f": {metrics}." if metrics else ".")
+    )
 
 
 def stage_folder(runs_dir, name: str, key: StageKey, fixed: str, current: Path) -> tuple[Path, Manifest | None]:
@@ -319,13 +348,34 @@ def stage_log(workdir: Path) -> Iterator[None]:
         handler.close()
 
 
+@contextmanager
+def library_bars_off() -> Iterator[None]:
+    """No progress bars from datasets (map, filter, save_to_disk: TRL's dataset preparation too) or transformers
+    (loading weights, writing model shards at every checkpoint) while a stage runs: each call drew a bar of its own,
+    so the terminal filled with bars for a few milliseconds of work. The stage's training bar (Lightning's, or
+    transformers' Trainer through tqdm itself) and its log lines stay."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_off, transformers_on = datasets.are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not datasets_off:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+
+
 def _execute(
     name: str, module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
 ) -> StageResult:
     """Run the stage and write its manifest: running, then completed or failed (judged by its checks)."""
     write_manifest(workdir, manifest)
     try:
-        with stage_log(workdir):
+        with stage_log(workdir), library_bars_off():
             result: StageResult = module.run(recipe, workdir, inputs)
         manifest.outputs = hash_outputs(workdir, result.outputs)
     except BaseException as error:

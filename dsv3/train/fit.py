@@ -22,6 +22,7 @@ import datasets
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -196,6 +197,12 @@ class StepProgressBar(TQDMProgressBar):
     @property
     def total_train_batches(self) -> int | float:
         return self.trainer.num_training_batches
+
+    def init_validation_tqdm(self) -> Tqdm:
+        """No validation bar: its result is one log line (`step N: validation loss ...`), and a second bar, drawn
+        below the training one, printed a line per validation batch wherever stdout is no terminal (a pipe, a
+        log file)."""
+        return Tqdm(disable=True)
 
 
 class InterruptRecorder(Callback):
