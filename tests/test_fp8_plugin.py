@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -51,12 +52,14 @@ def test_plugin_converts_in_place_and_autocasts_bf16():
 @pytest.mark.slow
 def test_smoke_recipe_trains_in_fp8_and_resumes_after_a_kill(tmp_path):
     runs_dir, killed_runs = tmp_path / "whole", tmp_path / "killed"  # one folder would share the equal stages
-    recipe = load_recipe(RECIPES / "smoke.yaml", ["name=fp8-whole", *FP8])
-    run_stage("tokenizer", recipe, runs_dir)
-    whole = run_stage("pretrain", recipe, runs_dir)
+    with ThreadPoolExecutor(1) as pool:  # the run to kill trains in its subprocess beside the whole run here
+        killed = pool.submit(kill_after_checkpoint, killed_runs, "fp8-killed", FP8)
+        recipe = load_recipe(RECIPES / "smoke.yaml", ["name=fp8-whole", *FP8])
+        run_stage("tokenizer", recipe, runs_dir)
+        whole = run_stage("pretrain", recipe, runs_dir)
     expected = whole.manifest.metrics
 
-    assert kill_after_checkpoint(killed_runs, "fp8-killed", FP8) == -signal.SIGKILL
+    assert killed.result() == -signal.SIGKILL
     resumed = run_stage("pretrain", load_recipe(RECIPES / "smoke.yaml", ["name=fp8-killed", *FP8]), killed_runs)
     assert resumed.action == "resumed"
     got = resumed.manifest.metrics

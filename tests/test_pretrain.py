@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -54,16 +55,19 @@ def kill_after_checkpoint(runs_dir: Path, name: str) -> int:
 
 @pytest.mark.slow
 def test_kill_resume_equals_uninterrupted_run(tmp_path):
-    """Two runs folders: in one the runs would share their (equal) stage folders."""
+    """Two runs folders: in one the runs would share their (equal) stage folders. The run to kill trains in its
+    subprocess while the uninterrupted one trains here (one core each)."""
     runs_dir, killed_runs = tmp_path / "whole", tmp_path / "killed"
-    tracker = Tracker(runs_dir, experiment="dsv3-test-pretrain")
-    whole = smoke("smoke-whole")
-    run_stage("tokenizer", whole, runs_dir)
-    uninterrupted = run_stage("pretrain", whole, runs_dir, tracker)
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_after_checkpoint, killed_runs, "smoke-killed")
+        tracker = Tracker(runs_dir, experiment="dsv3-test-pretrain")
+        whole = smoke("smoke-whole")
+        run_stage("tokenizer", whole, runs_dir)
+        uninterrupted = run_stage("pretrain", whole, runs_dir, tracker)
     assert uninterrupted.action == "ran"
     expected = uninterrupted.manifest.metrics
 
-    assert kill_after_checkpoint(killed_runs, "smoke-killed") == -signal.SIGKILL
+    assert killed.result() == -signal.SIGKILL
     workdir = run_root(killed_runs, smoke("smoke-killed")) / "pretrain"
     assert read_manifest(workdir).status == "running"  # killed mid-stage, not finished
     resumed = run_stage("pretrain", smoke("smoke-killed"), killed_runs)
