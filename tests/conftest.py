@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 _STATE = Path(tempfile.mkdtemp(prefix="dsv3-tests-"))
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# flows called in this process start Prefect's ephemeral server once; on a loaded 2-core machine it took over the
+# default 20 s to answer ("Timed out while attempting to connect to ephemeral Prefect API server", a full-suite run)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_RUN_ID", None)
 

@@ -75,7 +75,7 @@ SWITCHES = {  # loss-free without its partner: a half pair is missing, and mtp-o
     "mtp-on": {"model": {"num_nextn_predict_layers": 1}},
     "mtp-off": {"model": {"num_nextn_predict_layers": 0}},
 }
-FEW_STEPS = {"steps": 8, "val_every_n_steps": 4, "checkpoint_every_n_steps": 4, "log_every_n_steps": 2}
+FEW_STEPS = {"steps": 4, "val_every_n_steps": 2, "checkpoint_every_n_steps": 4, "log_every_n_steps": 2}
 
 
 def _stage_runs(client: MlflowClient, experiment_id: str) -> list:

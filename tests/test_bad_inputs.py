@@ -148,7 +148,7 @@ def test_runs_dir_not_writable(tmp_path, capsys):
 
 
 def test_runs_dir_in_use(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True,
                               env=os.environ | {"PYTHONPATH": str(REPO)})  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -2,11 +2,8 @@
 AdamW moments, and a run killed part-way resumes to exactly the uninterrupted run's losses; checkpoints and the
 exported model hold ordinary FP32 master weights."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,26 +13,17 @@ from dsv3.fp8 import FP8BlockwisePrecision, fp8_modules
 from dsv3.model import DSV3ForCausalLM
 from dsv3.stages.runner import run_stage
 from dsv3.stages.runs import run_root
-from tests.conftest import RECIPES, REPO
+from tests.conftest import RECIPES
 from tests.test_fp8_convert import expected_fp8_names
 from tests.test_model import tiny_model
-from tests.test_pretrain import KILLABLE_RUN
+from tests.test_pretrain import kill_at, start_killable_run
 
 FP8 = ["pretrain.precision=fp8-blockwise", "pretrain.fp8_backend=emulated", "pretrain.optimizer_states_bf16=true",
        "pretrain.steps=8", "pretrain.val_every_n_steps=8", "pretrain.checkpoint_every_n_steps=2"]
 
 
-def kill_after_checkpoint(runs_dir, name: str, overrides: list[str]) -> int:
-    """tests/test_pretrain.py's kill, with recipe overrides: SIGKILL once the first `last` checkpoint exists."""
-    args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}", *overrides]
-    process = subprocess.Popen(args, env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    last = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", [f"name={name}", *overrides])) / "pretrain" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    return process.wait()
+def last_checkpoint(runs_dir, name: str, overrides: list[str]):
+    return run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", [f"name={name}", *overrides])) / "pretrain" / "checkpoints" / "last.ckpt"
 
 
 def test_plugin_converts_in_place_and_autocasts_bf16():
@@ -51,12 +39,15 @@ def test_plugin_converts_in_place_and_autocasts_bf16():
 @pytest.mark.slow
 def test_smoke_recipe_trains_in_fp8_and_resumes_after_a_kill(tmp_path):
     runs_dir, killed_runs = tmp_path / "whole", tmp_path / "killed"  # one folder would share the equal stages
-    recipe = load_recipe(RECIPES / "smoke.yaml", ["name=fp8-whole", *FP8])
-    run_stage("tokenizer", recipe, runs_dir)
-    whole = run_stage("pretrain", recipe, runs_dir)
+    process = start_killable_run(killed_runs, "fp8-killed", *FP8)  # tests/test_pretrain.py's kill, with overrides
+    with ThreadPoolExecutor(1) as pool:  # the run to kill trains in its subprocess beside the whole run here
+        killed = pool.submit(kill_at, process, last_checkpoint(killed_runs, "fp8-killed", FP8))
+        recipe = load_recipe(RECIPES / "smoke.yaml", ["name=fp8-whole", *FP8])
+        run_stage("tokenizer", recipe, runs_dir)
+        whole = run_stage("pretrain", recipe, runs_dir)
     expected = whole.manifest.metrics
 
-    assert kill_after_checkpoint(killed_runs, "fp8-killed", FP8) == -signal.SIGKILL
+    assert killed.result() == -signal.SIGKILL
     resumed = run_stage("pretrain", load_recipe(RECIPES / "smoke.yaml", ["name=fp8-killed", *FP8]), killed_runs)
     assert resumed.action == "resumed"
     got = resumed.manifest.metrics

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -62,8 +63,6 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes_from_the_las
              "pretrain.accelerator=cpu"]  # fmt: skip
     recipe = load_recipe(RECIPES / "smoke.yaml", short)
     inputs = {"tokenizer": run_stage("tokenizer", recipe, tmp_path / "runs").workdir}
-    train_rank(recipe, tmp_path / "one", inputs)
-    one = json.loads((tmp_path / "one" / RESULT).read_text())["history"]
 
     sharded = load_recipe(RECIPES / "smoke.yaml", [*short, "pretrain.devices=2", "pretrain.strategy=fsdp",
                                                    "pretrain.expert_parallel=2", "pretrain.max_restarts=1"])  # fmt: skip
@@ -71,21 +70,45 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes_from_the_las
     folder.mkdir()
     job = threading.Thread(target=lambda: failed.extend(_raised(launch_torchrun, sharded, folder, inputs, 2, 1)))
     job.start()
-    last, deadline = folder / "checkpoints" / LAST, time.time() + 240
-    while not is_sharded(last) and job.is_alive() and time.time() < deadline:
+    deadline = time.time() + 60  # the agent starts with this process's environment as it is now, not as training here sets it
+    while job.is_alive() and not any("torch.distributed.run" in cmdline(p) for p in psutil.Process().children()) and time.time() < deadline:
         time.sleep(0.05)
-    ranks = [p for p in psutil.Process().children(recursive=True)
-             if "dsv3.train.launch" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]  # not the agent
-    assert len(ranks) == 2 and is_sharded(last)
-    os.kill(ranks[-1].pid, signal.SIGKILL)  # one rank dies mid-run; torchrun restarts the job
+    with ThreadPoolExecutor(1) as pool:  # the 2 ranks start, and one is killed, while one process trains here
+        killed = pool.submit(kill_a_rank_at_first_sharded_checkpoint, job, folder / "checkpoints" / LAST)
+        train_rank(recipe, tmp_path / "one", inputs)
+    one = json.loads((tmp_path / "one" / RESULT).read_text())["history"]
+    ranks, was_sharded = killed.result()
+    assert ranks == 2 and was_sharded
     job.join(timeout=300)
     assert not job.is_alive() and not failed, failed
     result = json.loads((folder / RESULT).read_text())
-    assert 0 < result["resumed_from_step"] < 8 and sharded_step(last) == 8
+    assert 0 < result["resumed_from_step"] < 8 and sharded_step(folder / "checkpoints" / LAST) == 8
     two = result["history"]
     for key in ("train/ce", "val/loss"):
         mine, theirs = ([row[key] for row in h if key in row][-1] for h in (two, one))
         assert mine == pytest.approx(theirs, abs=RESTART_TOLERANCE), key
+
+
+def kill_a_rank_at_first_sharded_checkpoint(job: threading.Thread, last: Path) -> tuple[int, bool]:
+    """Once `last` is a sharded checkpoint, SIGKILL the last of the job's ranks (not its torchrun agent); returns
+    how many ranks there were and whether `last` was sharded then."""
+    deadline = time.time() + 240
+    while not is_sharded(last) and job.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process().children(recursive=True)
+             if "dsv3.train.launch" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]  # not the agent
+    sharded = is_sharded(last)
+    if len(ranks) == 2 and sharded:
+        os.kill(ranks[-1].pid, signal.SIGKILL)  # one rank dies mid-run; torchrun restarts the job
+    return len(ranks), sharded
+
+
+def cmdline(process: psutil.Process) -> list[str]:
+    """Its command line; none for a process gone or a zombie (an earlier test's child not yet reaped)."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 def _raised(function, *args) -> list[BaseException]:

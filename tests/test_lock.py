@@ -14,9 +14,13 @@ from dsv3.stages.lock import runs_lock
 from tests.conftest import REPO
 
 HOLD = """
-import sys, time
+import importlib.util, sys, time
 from pathlib import Path
-from dsv3.stages.lock import runs_lock
+# dsv3/stages/lock.py itself, without the dsv3.stages package, whose __init__ imports the model (torch: ~6 s a process)
+spec = importlib.util.spec_from_file_location("lock", Path(sys.argv[2]) / "dsv3" / "stages" / "lock.py")
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+runs_lock = lock.runs_lock
 with runs_lock(Path(sys.argv[1]), "dsv3 run --recipe recipes/tiny.yaml"):
     print("held", flush=True)
     time.sleep(60)
@@ -25,7 +29,7 @@ with runs_lock(Path(sys.argv[1]), "dsv3 run --recipe recipes/tiny.yaml"):
 
 def test_second_run_is_refused_and_a_killed_holder_is_recovered(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", HOLD, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     assert holder.stdout.readline().strip() == "held"
@@ -52,7 +56,7 @@ def test_the_lock_is_reentrant_within_one_process(tmp_path):
         with runs_lock(tmp_path, "the flow it starts"):
             pass
         other = subprocess.run(  # still held by the outer context, as another process sees it
-            [sys.executable, "-c", HOLD, str(tmp_path)], env=os.environ | {"PYTHONPATH": str(REPO)},
+            [sys.executable, "-c", HOLD, str(tmp_path), str(REPO)], env=os.environ | {"PYTHONPATH": str(REPO)},
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert other.returncode != 0 and f"is in use by pid {os.getpid()}" in other.stderr

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -39,12 +40,16 @@ def smoke(name: str, *overrides: str):
     return load_recipe(RECIPES / "smoke.yaml", [f"name={name}", *overrides])
 
 
-def kill_after_checkpoint(runs_dir: Path, name: str) -> int:
-    """Run tokenizer + pretrain in a subprocess and SIGKILL it as soon as the first `last` checkpoint exists."""
+def start_killable_run(runs_dir: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """Tokenizer + pretrain in a subprocess (started from the calling thread, with this process's environment as it
+    is now: not one a stage running here later sets, such as MLFLOW_RUN_ID)."""
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}"]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_root(runs_dir, smoke(name)) / "pretrain" / "checkpoints" / "last.ckpt"
+    args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), f"name={name}", *overrides]
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_at(process: subprocess.Popen, last: Path) -> int:
+    """SIGKILL `process` as soon as `last` (its first `last` checkpoint) exists; its exit status."""
     deadline = time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -54,16 +59,21 @@ def kill_after_checkpoint(runs_dir: Path, name: str) -> int:
 
 @pytest.mark.slow
 def test_kill_resume_equals_uninterrupted_run(tmp_path):
-    """Two runs folders: in one the runs would share their (equal) stage folders."""
+    """Two runs folders: in one the runs would share their (equal) stage folders. The run to kill trains in its
+    subprocess while the uninterrupted one trains here (one core each)."""
     runs_dir, killed_runs = tmp_path / "whole", tmp_path / "killed"
-    tracker = Tracker(runs_dir, experiment="dsv3-test-pretrain")
-    whole = smoke("smoke-whole")
-    run_stage("tokenizer", whole, runs_dir)
-    uninterrupted = run_stage("pretrain", whole, runs_dir, tracker)
+    process = start_killable_run(killed_runs, "smoke-killed")
+    with ThreadPoolExecutor(1) as pool:
+        last = run_root(killed_runs, smoke("smoke-killed")) / "pretrain" / "checkpoints" / "last.ckpt"
+        killed = pool.submit(kill_at, process, last)
+        tracker = Tracker(runs_dir, experiment="dsv3-test-pretrain")
+        whole = smoke("smoke-whole")
+        run_stage("tokenizer", whole, runs_dir)
+        uninterrupted = run_stage("pretrain", whole, runs_dir, tracker)
     assert uninterrupted.action == "ran"
     expected = uninterrupted.manifest.metrics
 
-    assert kill_after_checkpoint(killed_runs, "smoke-killed") == -signal.SIGKILL
+    assert killed.result() == -signal.SIGKILL
     workdir = run_root(killed_runs, smoke("smoke-killed")) / "pretrain"
     assert read_manifest(workdir).status == "running"  # killed mid-stage, not finished
     resumed = run_stage("pretrain", smoke("smoke-killed"), killed_runs)
@@ -177,28 +187,33 @@ ON_TWO = ["pretrain.devices=2", "pretrain.strategy=fsdp", "pretrain.expert_paral
 ACROSS_WORLD_SIZES = 1e-5  # 1 vs 2 processes (FSDP2 + EP) after 12 steps: measured 3.0e-7 on the final validation loss, 0 on the training loss
 
 
-@pytest.mark.slow
-def test_a_stage_stopped_on_two_processes_resumes_on_one_and_back_through_the_runner(tmp_path, monkeypatch):
-    """Hardware-only settings (devices, strategy, EP, micro-batch) are in neither the stage key nor the variant: a
-    stage killed on 2 processes resumes on 1, stopped there resumes on 2, and ends with one process's loss."""
-    reference = smoke("smoke-hw", *HARDWARE_SHORT)
-    run_stage("tokenizer", reference, tmp_path / "reference")
-    uninterrupted = run_stage("pretrain", reference, tmp_path / "reference").manifest.metrics
-
-    runs_dir = tmp_path / "runs"
-    assert run_root(runs_dir, smoke("smoke-hw", *HARDWARE_SHORT, *ON_TWO)) == run_root(runs_dir, reference)
-    run_stage("tokenizer", reference, runs_dir)
-    folder = run_root(runs_dir, reference) / "pretrain"
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), "name=smoke-hw", *HARDWARE_SHORT, *ON_TWO]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_at_first_sharded_checkpoint(process: subprocess.Popen, last: Path) -> None:
+    """SIGKILL `process` (tokenizer and pretraining on 2 processes) once `last` is a sharded checkpoint."""
     deadline = time.time() + 240
-    while not is_sharded(folder / "checkpoints" / LAST) and process.poll() is None and time.time() < deadline:
+    while not is_sharded(last) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     ranks = psutil.Process(process.pid).children(recursive=True)
     os.kill(process.pid, signal.SIGKILL)  # the torchrun agent and its ranks die with it
     process.wait()
     psutil.wait_procs(ranks, timeout=10)
+
+
+@pytest.mark.slow
+def test_a_stage_stopped_on_two_processes_resumes_on_one_and_back_through_the_runner(tmp_path, monkeypatch):
+    """Hardware-only settings (devices, strategy, EP, micro-batch) are in neither the stage key nor the variant: a
+    stage killed on 2 processes resumes on 1, stopped there resumes on 2, and ends with one process's loss."""
+    reference = smoke("smoke-hw", *HARDWARE_SHORT)
+    runs_dir = tmp_path / "runs"
+    assert run_root(runs_dir, smoke("smoke-hw", *HARDWARE_SHORT, *ON_TWO)) == run_root(runs_dir, reference)
+    folder = run_root(runs_dir, reference) / "pretrain"
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", KILLABLE_RUN, str(RECIPES / "smoke.yaml"), str(runs_dir), "name=smoke-hw", *HARDWARE_SHORT, *ON_TWO]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with ThreadPoolExecutor(1) as pool:  # the 2 processes start (and are killed) while one process trains here
+        killed = pool.submit(kill_at_first_sharded_checkpoint, process, folder / "checkpoints" / LAST)
+        run_stage("tokenizer", reference, tmp_path / "reference")
+        uninterrupted = run_stage("pretrain", reference, tmp_path / "reference").manifest.metrics
+    killed.result()
     assert is_sharded(folder / "checkpoints" / LAST) and read_manifest(folder).status == "running"
 
     def stop_at_step_8(module, batch, batch_idx):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,36 +33,70 @@ def servers_of(runs_dir: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_mid_training_stops_fast_and_cleanly(tmp_path, signum, code):
-    runs_dir = tmp_path / "runs"
+SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STEPS = ["pretrain.steps=400"]
+
+
+def start_run(runs_dir: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PYTHONPATH": str(REPO)}
     command = [
         sys.executable, "-m", "flows.cli", "run", "--recipe", str(RECIPES / "smoke.yaml"), "--until", "pretrain",
-        "--set", "pretrain.steps=400", "--runs-dir", str(runs_dir),
+        "--set", *STEPS, "--runs-dir", str(runs_dir),
     ]  # fmt: skip
-    process = subprocess.Popen(
+    return subprocess.Popen(
         command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, also when this suite
     )  # runs as a background job (`make test &`), whose children inherit SIGINT ignored
-    root = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", ["pretrain.steps=400"]))
+
+
+def signal_at_first_checkpoint(process: subprocess.Popen, runs_dir: Path, signum: int) -> dict:
+    """Wait for the run's first checkpoint, deliver `signum` to its process group as a terminal delivers Ctrl-C,
+    and return what the test checks."""
+    root = run_root(runs_dir, load_recipe(RECIPES / "smoke.yaml", STEPS))
     checkpoint = root / "pretrain" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert checkpoint.exists(), process.communicate()[0].decode()[-2000:]
-    assert servers_of(runs_dir), "the Prefect server should be running"
+    if not checkpoint.exists():
+        process.kill()
+        return {"checkpoint": False, "output": process.communicate()[0].decode()}
+    servers_before = servers_of(runs_dir)
     os.killpg(process.pid, signum)  # as a terminal delivers Ctrl-C: to the whole foreground group
     sent = time.monotonic()
     output = process.communicate(timeout=60)[0].decode()
-    assert time.monotonic() - sent < 20
-    assert process.returncode == code, output[-2000:]
+    seconds = time.monotonic() - sent
+    time.sleep(1)
+    return {"checkpoint": True, "output": output, "seconds": seconds, "returncode": process.returncode,
+            "servers_before": servers_before, "servers_after": servers_of(runs_dir), "root": root}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> dict[int, Future]:
+    """One run per signal, both started at once (their Prefect servers and imports overlap on the 2 cores), each in
+    its own runs folder and sent its signal at its first checkpoint; a test reads its signal's outcome."""
+    runs = {signum: tmp_path_factory.mktemp(f"signal-{signum.name}") / "runs" for signum in SIGNALS}
+    processes = {signum: start_run(runs_dir) for signum, runs_dir in runs.items()}  # from this thread (preexec_fn)
+    pool = ThreadPoolExecutor(len(SIGNALS))
+    yield {signum: pool.submit(signal_at_first_checkpoint, processes[signum], runs[signum], signum) for signum in SIGNALS}
+    pool.shutdown(wait=True)
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", SIGNALS.items())
+def test_a_signal_mid_training_stops_fast_and_cleanly(interrupted, signum, code):
+    outcome = interrupted[signum].result(timeout=400)
+    output = outcome["output"]
+    assert outcome["checkpoint"], output[-2000:]
+    assert outcome["servers_before"], "the Prefect server should be running"
+    assert outcome["seconds"] < 20
+    assert outcome["returncode"] == code, output[-2000:]
     assert output.rstrip().splitlines()[-1] == "dsv3: interrupted — rerun the same command to resume"
     assert "Traceback" not in output
-    time.sleep(1)
-    assert servers_of(runs_dir) == []
-    manifest = read_manifest(root / "pretrain")
+    assert outcome["servers_after"] == []
+    manifest = read_manifest(outcome["root"] / "pretrain")
     assert manifest.status == "failed" and manifest.failure["kind"] == "interrupted"
 
 

@@ -48,12 +48,14 @@ def test_a_run_started_from_the_deployment_completes(tmp_path):
     server = subprocess.Popen(prefect, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     serve = None
     try:
-        wait_for(lambda: _healthy(api), 180, "the Prefect server")
+        # started beside the server, as `make serve` starts them: `dsv3 serve` waits for the server itself; it looks
+        # for scheduled runs every second (Prefect's default: 10), and so does run_deployment (5)
         serve = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--runs-dir", str(runs)],
-            env=env | {"PREFECT_API_URL": api}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            env=env | {"PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        wait_for(lambda: _healthy(api), 180, "the Prefect server")
         with temporary_settings({PREFECT_API_URL: api}):
             wait_for(lambda: _deployed(get_client), 120, "the deployment")
             with get_client(sync_client=True) as client:
@@ -61,7 +63,7 @@ def test_a_run_started_from_the_deployment_completes(tmp_path):
             until = schema["properties"]["until"]  # what the launch form draws: a dropdown of the stages
             assert {"enum": list(STAGE_ORDER), "type": "string"} in until["anyOf"], until
             parameters = {"recipe_path": str(RECIPES / "smoke.yaml"), "until": "tokenizer", "runs_dir": str(runs)}
-            flow_run = run_deployment("dsv3-pipeline/dsv3", parameters=parameters, timeout=240)
+            flow_run = run_deployment("dsv3-pipeline/dsv3", parameters=parameters, timeout=240, poll_interval=1)
         assert flow_run.state.is_completed(), flow_run.state
         assert flow_run.name.startswith("smoke-base-") and {"dsv3", "smoke"} <= set(flow_run.tags)
         stage = run_root(runs, load_recipe(RECIPES / "smoke.yaml")) / "tokenizer"
