@@ -1,11 +1,13 @@
 """MTP draft acceptance (DeepSeek-V3 report §5.4.3): the share of the MTP module's drafts the main model accepts
-in greedy speculative decoding (85–90% for the second token in the report)."""
+in greedy speculative decoding (85–90% for the second token in the report) — on the model's own greedy continuations
+(`mtp_acceptance`) and teacher-forced on held-out text (`teacher_forced_acceptance`)."""
 
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
-from dsv3.infer.speculative import mtp_speculative_decode
+from dsv3.infer.speculative import main_forward, mtp_logits, mtp_speculative_decode
 
 
 def acceptance_prompts(tokenizer, texts: list[str], count: int, length: int) -> list[torch.Tensor]:
@@ -34,4 +36,24 @@ def mtp_acceptance(model, prompts: list[torch.Tensor], max_new_tokens: int) -> f
         drafted, accepted = drafted + result.drafted, accepted + result.accepted
     if not drafted:
         raise ValueError("MTP acceptance: no token was drafted; give prompts and max_new_tokens >= 2")
+    return accepted / drafted
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(model, rows: list[torch.Tensor]) -> float:
+    """Share of positions t of held-out rows (1, T) where MTP module 1's draft of token t+2 — from the main model's
+    state at t and the true token t+1 (eqs. 21-23) — equals the main model's greedy prediction of token t+2 from the
+    true prefix through t+1: the acceptance speculative decoding would see were the main model's continuation the
+    text itself. A small model's own greedy continuations fall into repetition loops (`____`, `0000`) where drafting
+    is trivially right or wrong; this reads the draft on text the model did not write."""
+    drafted = accepted = 0
+    for ids in rows:
+        if ids.shape[1] < 3:
+            raise ValueError(f"MTP acceptance: a row of {ids.shape[1]} tokens has no position to draft; give >= 3")
+        logits, hidden = main_forward(model, ids, DynamicCache(config=model.config))
+        draft = mtp_logits(model, hidden[:, :-1], ids[:, 1:], DynamicCache(), 0).argmax(dim=-1)
+        verified = logits[:, 1:].argmax(dim=-1)
+        drafted, accepted = drafted + draft.numel(), accepted + int((draft == verified).sum())
+    if not drafted:
+        raise ValueError("MTP acceptance: no rows given")
     return accepted / drafted

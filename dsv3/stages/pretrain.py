@@ -36,7 +36,7 @@ from dsv3.data.corpus import corpus_source, recipe_corpus, recipe_data_files
 from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.mixture import mixture_rows
 from dsv3.data.tokenizer import BOS, EOS, PAD, load_tokenizer, token_byte_lengths
-from dsv3.eval.acceptance import acceptance_prompts, mtp_acceptance
+from dsv3.eval.acceptance import acceptance_prompts, mtp_acceptance, teacher_forced_acceptance
 from dsv3.eval.induction import copy_losses, copy_probe_rows
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
@@ -54,7 +54,8 @@ SECTIONS = ("data", "model", "pretrain")
 INPUTS = ("tokenizer",)
 OUTPUT = "model"
 HEADLINE = (
-    "final_val_loss", "unigram_val_loss", "induction_gain", "mtp_acceptance", "final_val_maxvio_global", "tokens", "tokens_per_s_median",
+    "final_val_loss", "unigram_val_loss", "induction_gain", "mtp_acceptance", "mtp_acceptance_teacher_forced",
+    "final_val_maxvio_global", "tokens", "tokens_per_s_median",
 )  # fmt: skip
 COPY_LENGTH = 64  # the copying probe's sequences: 16 of 64 random tokens, each repeated
 ACCEPTANCE_PROMPTS = (16, 32)  # prompts, tokens each
@@ -202,15 +203,19 @@ def evaluate_capabilities(recipe: Recipe, model_dir: Path, tokenizer: Tokenizer,
     """What the later stages build on: in-context copying (dsv3.eval.induction: loss on the second copy of 16
     random COPY_LENGTH-token sequences vs the first) and, with an MTP module, the share of its drafts the main model accepts
     in greedy speculative decoding on held-out text (report §5.4.3; ACCEPTANCE_PROMPTS windows of the validation
-    split, each continued by ACCEPTANCE_NEW_TOKENS tokens)."""
+    split, each continued by ACCEPTANCE_NEW_TOKENS tokens) and teacher-forced on ACCEPTANCE_PROMPTS[0] held-out
+    windows of half the training length (dsv3.eval.acceptance: a small model's greedy continuations loop)."""
     model = DSV3ForCausalLM.from_pretrained(model_dir)
     half = recipe.data.seq_len // 2  # both measurements stay within the trained length
     copying = copy_losses(model, copy_probe_rows(tokenizer, recipe.seed, length=min(COPY_LENGTH, half)))
     metrics = {"induction_gain": copying["induction_gain"], "second_copy_loss": copying["second_copy_loss"]}
     if model.config.num_nextn_predict_layers:
         count, length = ACCEPTANCE_PROMPTS
-        prompts = acceptance_prompts(AutoTokenizer.from_pretrained(model_dir), validation_texts, count, min(length, half))
+        hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompts = acceptance_prompts(hf_tokenizer, validation_texts, count, min(length, half))
         metrics["mtp_acceptance"] = mtp_acceptance(model, prompts, min(ACCEPTANCE_NEW_TOKENS, half))
+        windows = acceptance_prompts(hf_tokenizer, validation_texts, count, half)
+        metrics["mtp_acceptance_teacher_forced"] = teacher_forced_acceptance(model, windows)
     return metrics
 
 
@@ -275,7 +280,12 @@ def stage_result(
         f"({metrics['final_val_bits_per_byte']:.3f} bits/byte) vs unigram {unigram:.3f}; "
         f"global MaxVio {metrics['final_val_maxvio_global']:.3f} ({cfg.balancing}); induction gain "
         f"{metrics['induction_gain']:.2f} nats"
-        + (f", MTP draft acceptance {metrics['mtp_acceptance']:.1%}." if "mtp_acceptance" in metrics else ".")
+        + (
+            f", MTP draft acceptance {metrics['mtp_acceptance']:.1%} on its greedy continuations, "
+            f"{metrics['mtp_acceptance_teacher_forced']:.1%} teacher-forced on held-out text."
+            if "mtp_acceptance" in metrics
+            else "."
+        )
     )
     source = corpus_source(recipe.data)
     data = {"train": StageData(rows.train, source), "validation": StageData(rows.validation, source, "validation")}
