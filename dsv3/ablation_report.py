@@ -7,13 +7,17 @@ seeds; a seed fixes the initialisation and the data order, and arms run with the
 - loss-free balancing vs an auxiliary loss vs no balancing (arXiv 2408.15664, §4): global MaxVio 0.04 vs 0.72 at
   equal or better loss (perplexity 9.50 vs 9.56);
 - MTP on vs off (report §2.2, §5.4.3): the main head's validation loss (MTP helped 15.7B and 228.7B MoEs, may hurt
-  below ~1B) and the acceptance of the MTP-drafted token in speculative decoding (85–90%).
+  below ~1B) and the acceptance of the MTP-drafted token in speculative decoding (85–90%), read teacher-forced on
+  held-out text (dsv3.eval.acceptance): these small models' own greedy continuations loop.
 
-A claim is judged on the paired differences d_s (arm − baseline, same seed s) — mean d̄ and sample standard deviation
-sd over the n seeds (`verdict`): a direction claim holds when |d̄| > 2·sd and d̄ has the paper's sign, fails when
-|d̄| > 2·sd with the other sign, and is "not resolved" otherwise; a bound claim (|gap| < 0.25%) holds when
-|d̄| + 2·sd is below the bound and fails when |d̄| − 2·sd is above it; a threshold on one arm (acceptance ≥ 85%)
-uses its per-seed values the same way. One seed resolves nothing.
+Each run's quantity is read the same way (`second_half_mean`): the mean of its validation evaluations after half of
+its steps — the same validation rows at the same steps in every arm and seed. A claim is judged on the paired
+differences d_s (arm − baseline, same seed s) through the 95% confidence interval of their mean, d̄ ± h with
+h = t(0.975, n−1)·sd/√n (`confidence_half_width`; `verdict`): a direction claim holds when |d̄| > h and d̄ has the
+paper's sign, fails when |d̄| > h with the other sign, and is "not resolved" otherwise; a bound claim (|gap| < 0.25%)
+holds when |d̄| + h is below the bound and fails when |d̄| − h is above it; a threshold on one arm (acceptance ≥ 85%)
+uses its per-seed values the same way. One seed resolves nothing; for a claim left unresolved `seeds_to_decide` gives
+the number of seeds at which the measured d̄ and sd would decide it.
 
 This module sees a run only as an `ArmRun` (one seed of one arm: the pretrain stage's metrics and per-step history,
 the acceptance rate); the flow (flows/ablations.py) reads those from the stage folders. It writes the comparison as
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import matplotlib
+from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,7 +47,8 @@ NONE = "—"
 HOLDS, FAILS, UNRESOLVED = "yes", "no", "not resolved"
 FP8_GAP_BOUND = 0.0025  # report §3.3: relative loss error below 0.25%
 PAPER_ACCEPTANCE = (0.85, 0.90)  # report §5.4.3
-NOISE_SDS = 2.0  # a difference counts when it is more than this many standard deviations of the paired differences
+CONFIDENCE = 0.95  # a difference counts when the two-sided 95% confidence interval of its mean excludes zero
+MAX_SEEDS = 1000  # seeds_to_decide looks no further
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,10 @@ ARMS = {stem: a for a in ABLATIONS for stem in a.arms}
 @dataclass
 class ArmRun:
     """One seed of one finished arm: its recipe name, the switch's value and its companions' ({dotted key: value}), the
-    pretrain stage's metrics (final_val_loss, ...) and history (records {"step", "val/loss", "train/ce",
-    "train/maxvio_batch", "train/maxvio_batch_layer<i>", "val/maxvio_global", ...}), the MTP acceptance rate (None: no
-    MTP module), the pretrain stage's MLflow run and the seed."""
+    pretrain stage's metrics (final_val_loss, mtp_acceptance on greedy continuations, ...) and history (records
+    {"step", "val/loss", "train/ce", "train/maxvio_batch", "train/maxvio_batch_layer<i>", "val/maxvio_global", ...}),
+    the MTP acceptance teacher-forced on held-out text (None: no MTP module), the pretrain stage's MLflow run and the
+    seed."""
 
     recipe: str
     switch_value: dict[str, Any]
@@ -94,11 +101,26 @@ class ArmRun:
 
     @property
     def val_loss(self) -> float:
-        return self.metrics["final_val_loss"]
+        """The main head's validation loss, mean of the second half's evaluations."""
+        return second_half_mean(self.history, "val/loss")
 
     @property
     def maxvio(self) -> float:
-        return self.metrics["final_val_maxvio_global"]
+        """Global MaxVio on the validation set, mean of the second half's evaluations."""
+        return second_half_mean(self.history, "val/maxvio_global")
+
+
+def second_half_mean(history: list[dict[str, float]], key: str) -> float:
+    """The mean of `key` over the evaluations after half of the run's steps (the last step in `history`).
+
+    A claim's estimator: one evaluation wobbles with the step it falls on (trajectories of two arms diverge within
+    tens of steps), the mean of several damps that; starting at half the run skips the routers' early collapse
+    (README, Ablations) and the warm-up. ValueError when no evaluation of `key` falls in the second half."""
+    last = max((r["step"] for r in history), default=0.0)
+    values = [r[key] for r in history if key in r and r["step"] > last / 2]
+    if not values:
+        raise ValueError(f"no {key} evaluation after step {last / 2:g} of {last:g}: evaluate more often")
+    return statistics.fmean(values)
 
 
 Seeds = dict[int, ArmRun]  # seed -> that seed's run of one arm
@@ -152,35 +174,61 @@ class Spread:
 Kind = Literal["direction", "bound", "threshold"]
 
 
-def verdict(values: list[float], kind: Kind, target: float) -> str:
-    """HOLDS / FAILS / UNRESOLVED for per-seed values (paired differences, or one arm's values for a threshold).
+def confidence_half_width(sd: float, n: int) -> float:
+    """h = t(0.975, n − 1)·sd/√n: the half-width of the two-sided 95% confidence interval of a mean of n paired
+    differences (Student's t; n ≥ 2)."""
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
 
-    direction (target = the paper's sign, ±1): holds iff |mean| > 2·sd and sign(mean) = target; fails iff |mean| >
-    2·sd with the other sign. bound (target = B): holds iff |mean| + 2·sd < B; fails iff |mean| − 2·sd > B.
-    threshold (target = T): holds iff mean − 2·sd ≥ T; fails iff mean + 2·sd < T. Otherwise, and with fewer than two
-    seeds, not resolved."""
-    if len(values) < 2:
-        return UNRESOLVED
-    s = Spread.of(values)
-    noise = NOISE_SDS * s.sd
+
+def _decide(mean: float, h: float, kind: Kind, target: float) -> str:
     if kind == "direction":
-        if abs(s.mean) > noise:
-            return HOLDS if math.copysign(1.0, s.mean) == math.copysign(1.0, target) else FAILS
+        if abs(mean) > h:
+            return HOLDS if math.copysign(1.0, mean) == math.copysign(1.0, target) else FAILS
         return UNRESOLVED
     if kind == "bound":
-        return HOLDS if abs(s.mean) + noise < target else FAILS if abs(s.mean) - noise > target else UNRESOLVED
+        return HOLDS if abs(mean) + h < target else FAILS if abs(mean) - h > target else UNRESOLVED
     if kind == "threshold":
-        return HOLDS if s.mean - noise >= target else FAILS if s.mean + noise < target else UNRESOLVED
+        return HOLDS if mean - h >= target else FAILS if mean + h < target else UNRESOLVED
     raise ValueError(f"unknown claim kind {kind!r}")
 
 
+def verdict(values: list[float], kind: Kind, target: float) -> str:
+    """HOLDS / FAILS / UNRESOLVED for per-seed values (paired differences, or one arm's values for a threshold),
+    with h the confidence half-width of their mean d̄.
+
+    direction (target = the paper's sign, ±1): holds iff |d̄| > h and sign(d̄) = target; fails iff |d̄| > h with the
+    other sign. bound (target = B): holds iff |d̄| + h < B; fails iff |d̄| − h > B. threshold (target = T): holds iff
+    d̄ − h ≥ T; fails iff d̄ + h < T. Otherwise, and with fewer than two seeds, not resolved."""
+    if kind not in ("direction", "bound", "threshold"):
+        raise ValueError(f"unknown claim kind {kind!r}")
+    if len(values) < 2:
+        return UNRESOLVED
+    s = Spread.of(values)
+    return _decide(s.mean, confidence_half_width(s.sd, s.n), kind, target)
+
+
+def seeds_to_decide(values: list[float], kind: Kind, target: float) -> int | None:
+    """The fewest seeds at which the measured mean and sd would decide the claim (holds or no) — the sample size to
+    plan for an unresolved one; None when no number up to MAX_SEEDS would (fewer than two values, or a mean on the
+    bound itself)."""
+    if len(values) < 2:
+        return None
+    s = Spread.of(values)
+    for n in range(2, MAX_SEEDS + 1):
+        if _decide(s.mean, confidence_half_width(s.sd, n), kind, target) != UNRESOLVED:
+            return n
+    return None
+
+
 RULE = (
-    f"**Rule.** d_s = the compared quantity of the arm minus the baseline's with the same seed s; d̄ and sd are the "
-    f"mean and the sample standard deviation of d_s over the seeds. A direction claim holds when |d̄| > "
-    f"{NOISE_SDS:g}·sd and d̄ has the paper's sign (\"no\": beyond {NOISE_SDS:g}·sd with the other sign); the FP8 bound "
-    f"holds when |d̄| + {NOISE_SDS:g}·sd < 0.25% (\"no\": |d̄| − {NOISE_SDS:g}·sd > 0.25%); the acceptance threshold "
-    f"holds when mean − {NOISE_SDS:g}·sd ≥ 85% (\"no\": mean + {NOISE_SDS:g}·sd < 85%). Anything else, or one seed, is "
-    f"**not resolved**: the difference is within the seed-to-seed noise."
+    "**Rule.** Each run's quantity is the mean of its validation evaluations after half of its steps (the same "
+    "validation rows at the same steps in every run). d_s = the arm's quantity minus the baseline's with the same "
+    "seed s; d̄ and sd are the mean and the sample standard deviation of d_s over the n seeds, and h = "
+    "t(0.975, n−1)·sd/√n is the half-width of the 95% confidence interval of d̄ (n = 3: h = 2.48·sd; n = 5: 1.24·sd). "
+    "A direction claim holds when |d̄| > h and d̄ has the paper's sign (\"no\": beyond h with the other sign); the "
+    "FP8 bound holds when |d̄| + h < 0.25% (\"no\": |d̄| − h > 0.25%); the acceptance threshold holds when mean − h "
+    "≥ 85% (\"no\": mean + h < 85%). Anything else, or one seed, is **not resolved**: the difference is within the "
+    "seed-to-seed noise; \"seeds to decide\" is the number of seeds at which the measured d̄ and sd would decide it."
 )
 
 FP8_NOTE = (
@@ -257,7 +305,7 @@ CLAIMS = (
     Claim("mtp", "main-head validation loss, relative gap (on − off) / off",
           "negative for 15.7B and 228.7B MoEs (may hurt below ~1B)", "mtp-on", "mtp-off",
           _val_loss, "relative", "direction", -1.0),
-    Claim("mtp", "acceptance of the MTP-drafted token (greedy speculative decoding)",
+    Claim("mtp", "acceptance of the MTP-drafted token, teacher-forced on held-out text",
           f"{PAPER_ACCEPTANCE[0]:.0%}–{PAPER_ACCEPTANCE[1]:.0%}", "mtp-on", None,
           _acceptance, "value", "threshold", PAPER_ACCEPTANCE[0], show="{:.1%}".format),
 )
@@ -309,13 +357,25 @@ def _shown(result: ClaimResult) -> str:
     return f"{show(s.mean)} ± {spread} ({s.n} seeds)"
 
 
-def claim_rows(runs: Runs) -> list[tuple[str, str, str, str, str, str]]:
-    """(ablation title, what, paper, ours per arm, d̄ ± sd, verdict) per claim; MISSING where an arm has not run."""
+def _to_decide(result: ClaimResult) -> str:
+    """'—' for a decided (or missing) claim, else the seeds that the measured d̄ and sd would need."""
+    if result.verdict != UNRESOLVED or result.spread is None:
+        return NONE
+    n = seeds_to_decide(list(result.per_seed.values()), result.claim.kind, result.claim.target)
+    return f"> {MAX_SEEDS}" if n is None else str(n)
+
+
+def claim_rows(runs: Runs) -> list[tuple[str, str, str, str, str, str, str]]:
+    """(ablation title, what, paper, ours per arm, d̄ ± sd, verdict, seeds to decide) per claim; MISSING where an arm
+    has not run."""
     titles = {a.name: a.title for a in ABLATIONS}
     rows = []
     for claim in CLAIMS:
         result = claim_result(claim, runs)
-        rows.append((titles[claim.ablation], claim.what, claim.paper, result.sides or NONE, _shown(result), result.verdict))
+        rows.append((
+            titles[claim.ablation], claim.what, claim.paper, result.sides or NONE, _shown(result), result.verdict,
+            _to_decide(result),
+        ))
     return rows
 
 
@@ -347,8 +407,9 @@ def comparison_markdown(
         "",
         "## Claims",
         "",
-        "| ablation | compared | paper | ours: arm vs baseline (mean ± sd) | paired difference d̄ ± sd | holds |",
-        "|---|---|---|---|---|---|",
+        "| ablation | compared | paper | ours: arm vs baseline (mean ± sd) | paired difference d̄ ± sd | holds "
+        "| seeds to decide |",
+        "|---|---|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in claim_rows(runs)),
         "",
         RULE,
@@ -357,8 +418,8 @@ def comparison_markdown(
         "",
         "## Arms",
         "",
-        "| ablation | arm | recipe | switch | seeds | validation loss (main head) | bits/byte | global MaxVio "
-        "| MTP acceptance | steps | pretrain time |",
+        "| ablation | arm | recipe | switch | seeds | validation loss (main head; second half) | final bits/byte "
+        "| global MaxVio (second half) | MTP acceptance: teacher-forced / greedy | steps | pretrain time |",
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for ablation in ABLATIONS:
@@ -382,9 +443,12 @@ def _arm_row(ablation: Ablation, stem: str, seeds: Seeds) -> str:
     runs = [seeds[s] for s in sorted(seeds)]
     first = runs[0]
     switch = "; ".join(f"{k} = {v}" for k, v in first.switch_value.items())
-    acceptance = (
-        _mean_sd([r.acceptance for r in runs], "{:.1%}") if all(r.acceptance is not None for r in runs) else "n/a (no MTP module)"
-    )
+    acceptance = "n/a (no MTP module)"
+    if all(r.acceptance is not None for r in runs):
+        greedy = [r.metrics["mtp_acceptance"] for r in runs if "mtp_acceptance" in r.metrics]
+        acceptance = _mean_sd([r.acceptance for r in runs], "{:.1%}") + (
+            f" / {_mean_sd(greedy, '{:.1%}')}" if len(greedy) == len(runs) else ""
+        )
     cells = [
         _mean_sd([r.val_loss for r in runs], "{:.4f}"),
         _mean_sd([r.metrics["final_val_bits_per_byte"] for r in runs], "{:.4f}"),

@@ -14,8 +14,9 @@ loss-free's pretraining, and `--seeds 5` after `--seeds 3` trains only the two n
 
 MLflow, one experiment (`dsv3-ablations`): a run `ablations` per flow run (param seeds); under it one run per arm,
 tagged ablation=<name> and arm=<stem>, with each key metric's mean and sd over the seeds; under that one run per seed
-(param seed, the seed's key metrics); under that the stage runs. At the end, the MTP acceptance rate of every
-(arm, seed) with an MTP module (greedy speculative decoding on validation prompts), then the comparison —
+(param seed, the seed's key metrics, with the MTP acceptance rate the pretrain stage measured teacher-forced on
+held-out text);
+under that the stage runs. At the end the comparison —
 runs/ablations/ablations.md and .html, a PNG of curves per ablation and the balancing MaxVio plot — as a Prefect
 markdown artifact and as artifacts of the `ablations` run. An (arm, seed) that fails is reported and the others go
 on; the flow then raises, naming it.
@@ -23,7 +24,6 @@ on; the flow then raises, naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from collections.abc import Iterator
@@ -36,7 +36,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-import dsv3.eval.acceptance as acceptance
 from dsv3.ablation_report import (
     ABLATIONS,
     ARMS,
@@ -49,14 +48,11 @@ from dsv3.ablation_report import (
     plot_maxvio,
 )
 from dsv3.config import Recipe, flatten, load_recipe
-from dsv3.data.corpus import recipe_corpus
 from dsv3.errors import StageFailed
-from dsv3.infer.generate import load_checkpoint
-from dsv3.io import write_json_atomic
 from dsv3.report import markdown_to_html
 from dsv3.stages import pretrain
 from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import code_version, stage_code_hash
+from dsv3.stages.runner import code_version
 from dsv3.stages.runs import record_run, run_root
 from dsv3.tracking import PARENT_TAG, Tracker
 from flows.pipeline import retry_crashes_only, run_and_publish
@@ -81,49 +77,17 @@ def arm_stage_task(
     return result
 
 
-def acceptance_key(recipe: Recipe, runs_dir: str, settings: tuple[int, int, int]) -> str | None:
-    """The pretrained model's output hash, the data section, the measurement's settings and its code: an arm
-    whose model equals another's (mtp-on and loss-free) or a rerun reuses the rate; None while no model is there."""
-    manifest = read_manifest(run_root(runs_dir, recipe) / "pretrain")
-    if manifest is None or manifest.status != "completed":
-        return None
-    code = stage_code_hash(acceptance)
-    return hashlib.sha256(f"{manifest.output_hash}-{recipe.section_hash('data')}-{settings}-{code}".encode()).hexdigest()
-
-
-@task(persist_result=False, cache_policy=NO_CACHE)
-def acceptance_task(
-    recipe: dict[str, Any], runs_dir: str, prompts: int, prompt_tokens: int, new_tokens: int
-) -> float:
-    """MTP acceptance rate of the arm's pretrained model on `prompts` windows of its validation text, kept in
-    runs/ablations/acceptance/<key>.json (JSON, read back only when its key matches)."""
-    parsed = Recipe.model_validate(recipe)
-    key = acceptance_key(parsed, runs_dir, (prompts, prompt_tokens, new_tokens))
-    cached = Path(runs_dir) / REPORT_DIR / "acceptance" / f"{key}.json"
-    if key and cached.is_file():
-        return float(json.loads(cached.read_text())["acceptance_rate"])
-    model, tokenizer = load_checkpoint(run_root(runs_dir, parsed) / "pretrain" / pretrain.OUTPUT)
-    texts = recipe_corpus(parsed.data)["validation"]["text"]
-    rate = acceptance.mtp_acceptance(model, acceptance.acceptance_prompts(tokenizer, texts, prompts, prompt_tokens), new_tokens)
-    if key:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cached, {"acceptance_rate": rate, "arm": parsed.name, "seed": parsed.seed})
-    return rate
-
-
 @flow(name="dsv3-ablations", log_prints=False)
 def ablations(
     recipes_dir: str = "recipes/ablations",
     runs_dir: str = "runs",
-    acceptance: tuple[int, int, int] = (8, 32, 32),
     seeds: int = DEFAULT_SEEDS,
     only: list[str] | None = None,
 ) -> Path:
     """Run every arm found in `recipes_dir` with `seeds` seeds, then write and publish the comparison; returns
     ablations.md.
 
-    acceptance: (prompts, prompt tokens, new tokens) of the MTP acceptance measurement; only: names of the ablations to
-    run (default all; the others show as missing)."""
+    only: names of the ablations to run (default all; the others show as missing)."""
     arms = load_arms(recipes_dir)
     chosen = select_ablations(only)
     logger = get_run_logger()
@@ -145,7 +109,7 @@ def ablations(
                 path, recipe = arms[stem]
                 seeded = seed_variant(path, recipe, index)
                 try:
-                    run = run_seed(ARMS[stem], stem, path, seeded, runs_dir, arm_ids[stem], acceptance)
+                    run = run_seed(ARMS[stem], stem, path, seeded, runs_dir, arm_ids[stem])
                 except Exception as err:  # the other (arm, seed)s go on; the flow fails at the end
                     failures.append(f"{stem} seed {seeded.seed}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                     logger.error("arm %s failed: %s", stem, failures[-1])
@@ -231,11 +195,10 @@ def run_seed(
     recipe: Recipe,
     runs_dir: str,
     arm_run_id: str,
-    acceptance: tuple[int, int, int],
 ) -> ArmRun | None:
     """One seed of one arm: its stages in order (a stage another arm or an earlier flow finished with the same key is
-    reused from the stage store), then its MTP acceptance rate, in a seed run nested in the arm's MLflow run; the
-    finished pretraining, or None when the recipe has no pretrain stage."""
+    reused from the stage store) in a seed run nested in the arm's MLflow run; the finished pretraining, or None when
+    the recipe has no pretrain stage."""
     logger = get_run_logger()
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     tags = {"ablation": ablation.name, "arm": stem, "seed": str(recipe.seed)}
@@ -256,26 +219,26 @@ def run_seed(
         run = arm_run(recipe, runs_dir, ablation)
         if run is None:
             return None
-        metrics = {k: run.metrics[k] for k in ARM_METRICS}
-        if recipe.model.num_nextn_predict_layers > 0:
-            run.acceptance = acceptance_task.with_options(name=f"{stem}-seed{recipe.seed}-mtp-acceptance")(
-                recipe.model_dump(mode="json"), str(runs_dir), *acceptance
-            )
-            metrics["mtp_acceptance_rate"] = run.acceptance
-        tracker.log_metrics(seed_run_id, metrics)
+        tracker.log_metrics(seed_run_id, arm_metrics(run))
     return run
+
+
+def arm_metrics(run: ArmRun) -> dict[str, float]:
+    """One seed's key metrics: ARM_METRICS from the pretrain stage, the claims' second-half means and, with an MTP
+    module, the acceptance rate."""
+    metrics = {k: run.metrics[k] for k in ARM_METRICS}
+    metrics |= {"val_loss_second_half": run.val_loss, "val_maxvio_global_second_half": run.maxvio}
+    return metrics | ({"mtp_acceptance_rate": run.acceptance} if run.acceptance is not None else {})
 
 
 def log_arm_spread(tracker: Tracker, arm_run_id: str, seeds: dict[int, ArmRun]) -> None:
     """The arm's run: <metric>_mean and <metric>_sd over its seeds (sd only with two or more), and the seed count."""
     if not seeds:
         return
-    runs = list(seeds.values())
-    values = {k: [r.metrics[k] for r in runs] for k in ARM_METRICS}
-    if all(r.acceptance is not None for r in runs):
-        values["mtp_acceptance_rate"] = [r.acceptance for r in runs]
-    metrics = {"seeds": float(len(runs))} | {f"{k}_mean": statistics.fmean(v) for k, v in values.items()}
-    if len(runs) > 1:
+    per_seed = [arm_metrics(r) for r in seeds.values()]
+    values = {k: [m[k] for m in per_seed] for k in per_seed[0] if all(k in m for m in per_seed)}
+    metrics = {"seeds": float(len(per_seed))} | {f"{k}_mean": statistics.fmean(v) for k, v in values.items()}
+    if len(per_seed) > 1:
         metrics |= {f"{k}_sd": statistics.stdev(v) for k, v in values.items()}
     tracker.log_metrics(arm_run_id, metrics)
 
@@ -289,7 +252,8 @@ def arm_run(recipe: Recipe, runs_dir: str, ablation: Ablation) -> ArmRun | None:
     history = json.loads((workdir / pretrain.RESULT).read_text())["history"]
     flat = flatten(recipe)
     return ArmRun(
-        recipe.name, {k: flat[k] for k in (ablation.switch, *ablation.also)}, manifest.metrics, history, mlflow_run_id=manifest.mlflow_run_id, seed=recipe.seed
+        recipe.name, {k: flat[k] for k in (ablation.switch, *ablation.also)}, manifest.metrics, history,
+        acceptance=manifest.metrics.get("mtp_acceptance_teacher_forced"), mlflow_run_id=manifest.mlflow_run_id, seed=recipe.seed,
     )
 
 

@@ -93,11 +93,11 @@ def test_flow_runs_arms_over_seeds_reuses_and_reports_missing(tmp_path):
             overlay[section] = overlay.get(section, {}) | values
         (recipes / f"{stem}.yaml").write_text(yaml.safe_dump(overlay))
     runs_dir = tmp_path / "runs"
-    report = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), acceptance=(2, 16, 8), seeds=2)
+    report = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), seeds=2)
     text = report.read_text()
 
     rows = claim_rows_from(text)
-    fp8, balancing, mtp = ([r[3:] for r in rows if r[0] == a.title] for a in ABLATIONS)
+    fp8, balancing, mtp = ([r[3:6] for r in rows if r[0] == a.title] for a in ABLATIONS)
     assert fp8 == [["missing", "missing", "missing"]] * 2 and balancing == [["missing", "missing", "missing"]] * 3
     assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4} vs \d\.\d{4} ± \d\.\d{4}", mtp[0][0])  # the loss, per arm
     assert mtp[0][1].endswith("(2 seeds)") and mtp[0][2] in ("yes", "no", "not resolved")
@@ -131,7 +131,7 @@ def test_flow_runs_arms_over_seeds_reuses_and_reports_missing(tmp_path):
     assert on["seeds"] == 2 and 0 <= on["mtp_acceptance_rate_mean"] <= 1 and "final_val_loss_sd" in on
     assert "mtp_acceptance_rate_mean" not in arm_runs["mtp-off"].data.metrics
 
-    again = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), acceptance=(2, 16, 8), seeds=2)
+    again = ablations(recipes_dir=str(recipes), runs_dir=str(runs_dir), seeds=2)
     assert again.read_text() == text  # the same measurements, read from the same finished runs
     assert len(_stage_runs(client, experiment)) == len(stage_runs)  # no stage ran again
 
