@@ -8,20 +8,17 @@ import re
 import time
 from pathlib import Path
 
-import matplotlib
 import pytest
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3.cli import main  # noqa: E402
-from dsv3.config import STAGE_ORDER, load_recipe  # noqa: E402
-from dsv3.report import REPORT_HTML, REPORT_MD, token_counts, write_report  # noqa: E402
-from dsv3.stages import headline  # noqa: E402
-from dsv3.stages.manifest import Manifest, StageKey, write_manifest  # noqa: E402
-from dsv3.stages.runner import run_stage  # noqa: E402
-from dsv3.stages.runs import record_run, run_root  # noqa: E402
-from tests.conftest import RECIPES  # noqa: E402
+from dsv3.cli import main
+from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.plotting import plt
+from dsv3.report import REPORT_HTML, REPORT_MD, token_counts, write_report
+from dsv3.stages import headline
+from dsv3.stages.manifest import Manifest, StageKey, write_manifest
+from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import record_run, run_root
+from tests.conftest import RECIPES
 
 KEY = StageKey("recipe", {}, "code")
 ODD_NAME = "<b>x&y</b>|z"

@@ -30,22 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import matplotlib
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3.config import ExtendSection, ModelSection, PretrainSection, RecipeError, Section, _one_line  # noqa: E402
-from dsv3.data.probes import ProbeVocab, probe_rows, retrieval_prompts  # noqa: E402
-from dsv3.eval.induction import copy_losses, repeated_random_rows  # noqa: E402
-from dsv3.eval.retrieval import retrieval_accuracy  # noqa: E402
-from dsv3.io import write_json_atomic  # noqa: E402
-from dsv3.model import DSV3Config, DSV3ForCausalLM  # noqa: E402
-from dsv3.model.rope import yarn_config  # noqa: E402
-from dsv3.train import LoopSettings, fit  # noqa: E402
+from dsv3.config import ExtendSection, ModelSection, PretrainSection, RecipeError, Section, _one_line
+from dsv3.data.probes import ProbeVocab, probe_rows, retrieval_prompts
+from dsv3.eval.induction import copy_losses, repeated_random_rows
+from dsv3.eval.retrieval import retrieval_accuracy
+from dsv3.io import write_json_atomic
+from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model.rope import yarn_config
+from dsv3.plotting import plt
+from dsv3.train import LoopSettings, fit
 
 RESULT, REPORT, PLOT = "result.json", "copy.md", "curves.png"
 VARIANTS = ("plain RoPE", "YaRN, no training", "plain RoPE, trained at 4x", "YaRN, trained at 4x")
