@@ -179,7 +179,8 @@ def test_compare_html_overlays_both_runs_losses_and_links_their_mlflow_runs(tmp_
     """`dsv3 compare`'s page: one plot with both runs' pretraining losses (embedded), and each run's MLflow parent
     run linked — or said to be missing."""
     import dsv3.train.plots as plots
-    from dsv3.report import compare_curves_and_links, markdown_to_html
+    from dsv3.html_page import markdown_to_html
+    from dsv3.report import compare_curves_and_links
     from dsv3.stages.runs import RunView
     from dsv3.tracking import Tracker
 
