@@ -1,4 +1,4 @@
-"""Context-extension stage (PAPER.md, "Context extension (YaRN)"; DeepSeek-V3 report §4.3).
+"""Context-extension stage (docs/paper.md, "Context extension (YaRN)"; DeepSeek-V3 report §4.3).
 
 The pretrained model's RoPE dims switch to YaRN: factor s, original length = the pretraining seq_len, the
 β_fast/β_slow ramp and mscale/mscale_all_dim (softmax scale × (0.1·ln s + 1)², as the reference code). It then

@@ -1,4 +1,4 @@
-"""Reward-model stage (PAPER.md, "Post-training": a reward model trained from the SFT checkpoint on preference
+"""Reward-model stage (docs/paper.md, "Post-training": a reward model trained from the SFT checkpoint on preference
 data; paper §5.2.1).
 
 Model: the SFT network as DSV3ForSequenceClassification (num_labels = 1): the same weights plus a fresh linear

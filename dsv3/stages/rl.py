@@ -1,4 +1,4 @@
-"""GRPO stage (PAPER.md, "Post-training"; paper §5.2.2, DeepSeekMath's Group Relative Policy Optimization).
+"""GRPO stage (docs/paper.md, "Post-training"; paper §5.2.2, DeepSeekMath's Group Relative Policy Optimization).
 
 For each prompt q the policy samples a group of G answers o_1..o_G; each gets the weighted sum of the rewards
 r_i = w_c·correct(o_i) + w_f·well_formed(o_i) + w_rm·RM(q, o_i)   (dsv3.eval.rewards), and the advantage

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning stage (PAPER.md, "Post-training": 2 epochs, cosine LR 5e-6 → 1e-6, sample masking).
+"""Supervised fine-tuning stage (docs/paper.md, "Post-training": 2 epochs, cosine LR 5e-6 → 1e-6, sample masking).
 
 Data: generated math problems with worked solutions ending in \\boxed{answer} (dsv3.data.math_tasks), plus the
 chat files the recipe names, as conversations in the tokenizer's chat template. TRL's SFTTrainer packs them
