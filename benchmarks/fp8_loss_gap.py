@@ -1,4 +1,4 @@
-"""The paper's FP8 claim at our scale (DeepSeek-V3 section 3.3, PAPER.md "FP8 training": relative loss error
+"""The paper's FP8 claim at our scale (DeepSeek-V3 section 3.3, docs/paper.md, "FP8 training": relative loss error
 against BF16 below 0.25%): tiny-recipe pretraining with fp8-blockwise against bf16-mixed, same seed and data.
 
 Run the pair one after the other (the pretrain stage is the real one; both share seed and data), then this script:

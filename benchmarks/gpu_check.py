@@ -17,11 +17,11 @@ OUT/gpu-check.json (the machine, every figure, every error), OUT/gpu-check.md (t
 OUT/gpu-check.log (each part's own output); OUT is --out, else $OUT, else runs/gpu-check. Without a CUDA device it
 prints one line and exits 0, measuring nothing.
 
-MFU = counted training FLOPs / (step time x 989 TFLOP/s, the H100/H200 SXM dense BF16 peak; H200.md). FLOPs per token:
-6 x the parameters each token multiplies (active experts only; the input embedding is a lookup and not counted; the
-output head counted once for the main model and once per MTP depth) plus attention, 6 x seq_len x heads x
-(qk_head_dim + v_head_dim) per layer (PaLM's convention: the full, non-causal score matrix). The fp8 rows use the same
-BF16 peak as denominator (FP8's is twice that).
+MFU = counted training FLOPs / (step time x 989 TFLOP/s, the H100/H200 SXM dense BF16 peak; docs/design.md,
+"Measuring"). FLOPs per token: 6 x the parameters each token multiplies (active experts only; the input embedding is
+a lookup and not counted; the output head counted once for the main model and once per MTP depth) plus attention, 6
+x seq_len x heads x (qk_head_dim + v_head_dim) per layer (PaLM's convention: the full, non-causal score matrix). The
+fp8 rows use the same BF16 peak as denominator (FP8's is twice that).
 
 It needs only torch, transformers, safetensors and yaml (what the lent GPU machine has, with its own python3 and torch
 2.11): recipes are read with yaml (not dsv3.config, which needs pydantic), dsv3 packages whose __init__ imports
@@ -61,7 +61,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 # name, budget in seconds: with 5 s of grace each and ~10 s of machine info, at most 475 s in all
 PARTS = {"a": ("tests", 145), "b": ("fp8", 85), "c": ("train", 150), "d": ("decode", 55)}
-BF16_PEAK = 989e12  # H100/H200 SXM dense BF16 FLOP/s (datasheet; H200.md)
+BF16_PEAK = 989e12  # H100/H200 SXM dense BF16 FLOP/s (datasheet; docs/design.md, "Measuring")
 SIZES = {
     "cuda": dict(
         fp8_shapes=[(7168, 2048), (2048, 7168), (4096, 4096)],  # (in, out): benchmarks/fp8_linear.py's SHAPES (issue 5)
@@ -171,7 +171,8 @@ def machine(device: str) -> dict:
 
 
 def matmul_ms(n: int) -> float:
-    """Mean milliseconds of an n x n x n bf16 matmul on random data (METHOD.md: measure the ceiling, not zeros)."""
+    """Mean milliseconds of an n x n x n bf16 matmul on random data (docs/design.md, "Measuring": the ceiling, not
+    zeros)."""
     import torch
 
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))

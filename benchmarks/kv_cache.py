@@ -4,7 +4,7 @@ Both models get the DeepSeek-V3 attention exactly (hidden 7168, 128 heads, q_lor
 rope 64 / v 128) but only `--layers` blocks, a tiny vocabulary and a few small experts, so they fit in memory. Each
 prefills the same `--tokens` prompt with use_cache=True; the bytes are read from the tensors the returned
 DynamicCache holds (tensor nbytes and the storage actually allocated behind them).
-Theory (PAPER.md): 576 values per token per layer vs 128·(192+128) = 40,960, 71.1×.
+Theory (docs/paper.md, "KV cache"): 576 values per token per layer vs 128·(192+128) = 40,960, 71.1×.
 
 transformers 5.x's DeepseekV3Attention also caches the compressed latent (576 values), but at every decode step it
 re-expands the whole cache into per-head keys and values (`expand_kv`, 40,960 values per cached token and layer)

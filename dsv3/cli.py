@@ -320,7 +320,8 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from dsv3.report import compare_curves_and_links, compare_markdown, markdown_to_html
+    from dsv3.html_page import markdown_to_html
+    from dsv3.report import compare_curves_and_links, compare_markdown
     from dsv3.stages.runs import resolve_run, view
 
     a, b = (view(resolve_run(spec, args.runs_dir)) for spec in (args.a, args.b))

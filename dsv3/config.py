@@ -38,7 +38,7 @@ MIXTURE_SOURCES = ("corpus", "copy", "retrieval", "math")
 
 
 class DataSection(Section):
-    """Where the training text comes from and how it is cut into sequences (PAPER.md, "Pretraining")."""
+    """Where the training text comes from and how it is cut into sequences (docs/paper.md, "Pretraining")."""
 
     source: Literal["stdlib", "local", "hf"] = "stdlib"
     paths: list[str] = Field(default_factory=list, description="files or folders for source=local")
@@ -91,7 +91,7 @@ class DataSection(Section):
 
 
 class TokenizerSection(Section):
-    """Byte-level BPE (PAPER.md, "Model": vocab) trained on the training split."""
+    """Byte-level BPE (docs/paper.md, "Model": vocab) trained on the training split."""
 
     vocab_size: int = Field(4096, ge=300, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
@@ -99,7 +99,7 @@ class TokenizerSection(Section):
 
 
 class ModelSection(Section):
-    """The network (PAPER.md, "Model"): the fields of DSV3Config (dsv3.model), named as transformers'
+    """The network (docs/paper.md, "Model"): the fields of DSV3Config (dsv3.model), named as transformers'
     DeepseekV3Config; defaults are the 671B model's. Validated by building the DSV3Config itself, so the checks live
     in one place. `vocab_size: null` = the tokenizer's; `rope_theta` is plain RoPE's base (YaRN is the extend
     stage's: see the extend section). The fields are spelled out here, not read from DSV3Config, so that reading a
@@ -162,7 +162,7 @@ MODEL_FIELDS_FROM_ELSEWHERE = {
 
 
 class PretrainSection(Section):
-    """Pretraining (PAPER.md, "Pretraining", "Balancing", "Multi-token prediction"): the run's length, its batch,
+    """Pretraining (docs/paper.md, "Pretraining", "Balancing", "Multi-token prediction"): the run's length, its batch,
     AdamW, and the schedules, each a function of the tokens seen expressed as fractions of the whole run (the
     paper's 14.8T-token run gives the defaults: constant LR until 10T = 0.676, cosine until 14.3T = 0.966, ...)."""
 
@@ -312,11 +312,12 @@ class ExtendPhase(Section):
 
 
 class ExtendSection(Section):
-    """Context extension with YaRN (PAPER.md, "Context extension (YaRN)"): RoPE dims switched to YaRN with factor s,
-    ramp β_fast = 32 / β_slow = 1 over the pretraining length, temperature √(1/t) = 0.1·mscale·ln s + 1 (the
+    """Context extension with YaRN (docs/paper.md, "Context extension (YaRN)"): RoPE dims switched to YaRN with factor
+    s, ramp β_fast = 32 / β_slow = 1 over the pretraining length, temperature √(1/t) = 0.1·mscale·ln s + 1 (the
     softmax scale times its square); two phases on longer packed rows (4K → 32K → 128K, 1000 steps each, LR 7.3e-6).
     The training mix may hold synthetic passkey documents (training keys, training-split filler); the evaluation
-    (passkey accuracy per length and depth, perplexity per length, before and after) uses held-out keys and filler."""
+    (passkey accuracy per length and depth, perplexity per length, before and after) uses held-out keys and
+    filler."""
 
     phases: list[ExtendPhase] = Field(min_length=1, description="training phases in order of growing seq_len")
     factor: float = Field(40.0, gt=1, description="YaRN scale s (paper: 40)")
@@ -364,7 +365,7 @@ class ProblemsSection(Section):
 
 
 class SftSection(ProblemsSection):
-    """Supervised fine-tuning (PAPER.md, "Post-training"): 2 epochs, cosine LR 5e-6 → 1e-6, samples packed with
+    """Supervised fine-tuning (docs/paper.md, "Post-training"): 2 epochs, cosine LR 5e-6 → 1e-6, samples packed with
     sample masking, loss on assistant tokens only. Data: generated math problems with worked solutions, plus
     optional chat files; evaluation: greedy accuracy and format rate on held-out problems."""
 
@@ -397,7 +398,7 @@ class SftSection(ProblemsSection):
 
 
 class RewardSection(ProblemsSection):
-    """Reward model (PAPER.md, "Post-training": trained from the SFT checkpoint on preference data): a scalar head
+    """Reward model (docs/paper.md, "Post-training": trained from the SFT checkpoint on preference data): a scalar head
     on the SFT network, Bradley-Terry loss on pairs (chosen = the worked solution; rejected = a wrong final
     answer, a broken \\boxed{} format, or an SFT sample the rule judges wrong)."""
 
@@ -420,7 +421,7 @@ class RewardSection(ProblemsSection):
 
 
 class RlSection(ProblemsSection):
-    """GRPO (PAPER.md, "Post-training"; DeepSeekMath: G = 64, β = 0.04, LR 1e-6): G sampled answers per prompt,
+    """GRPO (docs/paper.md, "Post-training"; DeepSeekMath: G = 64, β = 0.04, LR 1e-6): G sampled answers per prompt,
     advantage (r − mean r)/std r within each group, clipped ratio, k3 KL to the SFT model; rewards = rule-based
     correctness (math-verify on the last \\boxed{}), format, and the reward model's score, summed with weights."""
 

@@ -1,4 +1,4 @@
-"""How a run can go wrong, and what the command line makes of it (DESIGN.md, "Contracts").
+"""How a run can go wrong, and what the command line makes of it (docs/design.md, "Contracts").
 
 - bad input (recipe, data, checkpoint, runs folder): a ValueError (RecipeError, InputError, ...) whose first line
   names the file or key and what to do: exit code 2, no traceback;

@@ -8,14 +8,13 @@ no manifest is shown as *not run* (e.g. past `--until`), one whose manifest cann
 that did not complete as **running** or **failed**, and none of them gets numbers: an absent metric is never a
 zero.
 
-report.md links the plots relative to the run folder (it sits there); report.html embeds them as base64
-data URIs, so the one file can be mailed or attached to an MLflow run. Text from manifests is escaped:
-the markdown renderer is run with raw HTML switched off.
+report.md links the plots relative to the run folder (it sits there); report.html (dsv3.html_page) embeds them as
+base64 data URIs, so the one file can be mailed or attached to an MLflow run. Text from manifests is escaped: in the
+markdown here (_md) and by the renderer, which runs with raw HTML switched off.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import importlib.metadata
 import json
@@ -25,13 +24,11 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, unquote
-
-import markdown
-from markdown.treeprocessors import Treeprocessor
+from urllib.parse import quote
 
 from dsv3.config import STAGE_ORDER, load_recipe
 from dsv3.eval.harness import read_results
+from dsv3.html_page import IMAGE_TYPES, markdown_to_html
 from dsv3.io import write_text_atomic
 from dsv3.model import DSV3Config, count_parameters
 from dsv3.stages import available_stages, headline
@@ -42,13 +39,6 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 LIBRARIES = ("torch", "lightning", "transformers", "trl", "datasets", "tokenizers", "mlflow", "prefect")
 TOKEN_COUNT = re.compile(r"(?:^|_)tokens(?:_seen|_trained|_total)?$")  # counts, not `bytes_per_token`
-IMAGE_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".svg": "image/svg+xml",
-}
 NONE = "—"
 
 
@@ -274,20 +264,6 @@ def compare_curves_and_links(a: RunView, b: RunView, runs_dir: Path, image: Path
     return "\n".join([*lines, ""])
 
 
-def markdown_to_html(text: str, run_dir: Path, title: str) -> str:
-    """A standalone HTML page of `text`; images under `run_dir` become data URIs, raw HTML is escaped."""
-    md = markdown.Markdown(extensions=["tables", "toc"])
-    md.preprocessors.deregister("html_block")  # text from manifests is shown, never interpreted
-    md.inlinePatterns.deregister("html")
-    md.treeprocessors.register(_EmbedImages(md, Path(run_dir).resolve()), "dsv3_embed_images", 5)
-    md.treeprocessors.register(_MarkFailures(md), "dsv3_mark_failures", 4)
-    body = md.convert(text)
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
-    )
-
-
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write `report.md` and `report.html` into `run_dir` (each atomically); returns their paths."""
     run_dir = Path(run_dir).resolve()
@@ -417,30 +393,6 @@ def _artifact(stage: str, artifact: str, run_dir: Path, link_plots: bool) -> str
     return f"[{label}]({quote(rel)})"
 
 
-class _EmbedImages(Treeprocessor):
-    """Replace each <img> source (a path relative to the run folder) by a base64 data URI of the file."""
-
-    def __init__(self, md: markdown.Markdown, run_dir: Path):
-        super().__init__(md)
-        self.run_dir = run_dir
-
-    def run(self, root) -> None:
-        for img in root.iter("img"):
-            path = Path(os.path.normpath(self.run_dir / unquote(img.get("src", ""))))
-            mime = IMAGE_TYPES.get(path.suffix.lower())
-            if mime and path.is_relative_to(self.run_dir) and path.is_file():
-                img.set("src", f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}")
-
-
-class _MarkFailures(Treeprocessor):
-    """Bold words that report a failure (failed, missing, running, checks failed) get the `bad` class: red."""
-
-    def run(self, root) -> None:
-        for strong in root.iter("strong"):
-            if (strong.text or "").strip().lower() in ("failed", "checks failed", "missing", "running"):
-                strong.set("class", "bad")
-
-
 def _md(text: object) -> str:
     """Plain text for a markdown paragraph or table cell: HTML and markdown syntax escaped."""
     text = html.escape(str(text), quote=False)
@@ -507,15 +459,3 @@ def _gpus() -> str:
         props = torch.cuda.get_device_properties(index)
         gpus.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB)")
     return f"{', '.join(gpus)}; CUDA {torch.version.cuda}"
-
-
-_CSS = """
-body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-h1, h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
-table { border-collapse: collapse; margin: .5rem 0 1rem; }
-th, td { border: 1px solid #ccc; padding: .25rem .6rem; }
-th { background: #f4f4f4; }
-code { background: #f4f4f4; padding: 0 .2rem; }
-img { max-width: 100%; border: 1px solid #eee; }
-.bad { color: #c62828; }
-"""

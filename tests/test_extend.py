@@ -1,6 +1,7 @@
-"""dsv3/stages/extend.py on the smoke recipe: the YaRN config it builds equals transformers' yarn RoPE (frequencies,
-cos/sin factor and the softmax scale of DeepseekV3Attention); the stage trains both phases, evaluates before and
-after, writes a loadable YaRN model; a run killed with SIGKILL mid-phase resumes from its checkpoint and finishes."""
+"""dsv3/stages/extend.py on the smoke recipe: the YaRN config it builds (over the pretraining length, declared for
+s times it or the last phase's length) equals transformers' yarn RoPE (frequencies, cos/sin factor and the softmax
+scale of DeepseekV3Attention); the stage trains both phases, evaluates before and after, writes a loadable YaRN
+model; a run killed with SIGKILL mid-phase resumes from its checkpoint and finishes."""
 
 import math
 import os
@@ -18,7 +19,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from dsv3.config import RecipeError, load_recipe
 from dsv3.model import DSV3ForCausalLM
-from dsv3.stages.extend import yarn_config
+from dsv3.stages.extend import extended_config
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
 from dsv3.stages.runs import run_root
@@ -48,8 +49,9 @@ def test_yarn_config_matches_transformers_rope_and_softmax_scale():
         qk_rope_head_dim=16,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    config = yarn_config(plain, recipe)
-    assert config.rope_parameters["original_max_position_embeddings"] == recipe.data.seq_len
+    config = extended_config(plain, recipe)
+    assert config.rope_parameters["original_max_position_embeddings"] == recipe.data.seq_len == 256
+    assert config.max_position_embeddings == 40 * 256 > recipe.extend.phases[-1].seq_len  # s·L, past the last phase
     hf = DeepseekV3Config(
         rope_parameters=dict(config.rope_parameters),
         max_position_embeddings=config.max_position_embeddings,

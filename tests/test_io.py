@@ -1,10 +1,11 @@
-"""dsv3/io.py: atomic writes leave the old version (or nothing) when writing fails part-way."""
+"""dsv3/io.py: atomic writes leave the old version (or nothing) when writing fails part-way; an unreadable checkpoint is
+renamed aside, never deleted."""
 
 import json
 
 import pytest
 
-from dsv3.io import atomic_dir, write_json_atomic, write_text_atomic
+from dsv3.io import atomic_dir, set_aside, write_json_atomic, write_text_atomic
 
 
 def test_text_and_json_replace_whole(tmp_path):
@@ -30,3 +31,14 @@ def test_atomic_dir(tmp_path):
             (partial / "weights").write_text("v2 half")
             raise RuntimeError("killed mid-save")
     assert (out / "weights").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_set_aside_renames_keeps_the_bytes_and_says_so(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint-8"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_st')
+    aside = set_aside(checkpoint, "truncated")
+    assert not checkpoint.exists() and aside.parent == tmp_path and aside.name.startswith("checkpoint-8.corrupt-")
+    assert (aside / "trainer_state.json").read_text() == '{"global_st'
+    assert f"dsv3: checkpoint {checkpoint} is unreadable (truncated); set aside as {aside.name}" in capsys.readouterr().err
+    assert set_aside(checkpoint, "truncated") is None  # another rank set it aside first

@@ -1,11 +1,20 @@
 """dsv3/probes/copy.py on a shrunken recipe: segments of one run measured after each, four models at L and 4L, the
-report's tables, a rerun that reads the result back, and recipes that cannot be run refused with the key named."""
+report's tables, a rerun that reads the result back, and recipes that cannot be run refused with the key named; the
+YaRN variant's config on the shipped recipe."""
 
 import pytest
 import yaml
 
 from dsv3.config import RecipeError
-from dsv3.probes.copy import VARIANTS, CopyProbeRecipe, load_copy_recipe, markdown, run
+from dsv3.probes.copy import (
+    VARIANTS,
+    CopyProbeRecipe,
+    extended_config,
+    load_copy_recipe,
+    markdown,
+    model_config,
+    run,
+)
 from tests.conftest import RECIPES
 
 SHRINK = {
@@ -31,6 +40,16 @@ def test_shipped_recipe_loads():
     recipe = load_copy_recipe(RECIPES / "probes" / "copy.yaml")
     assert recipe.probe.vocab().size == 64 and recipe.model.num_hidden_layers == 2
     assert recipe.extend.phases[0].seq_len == 4 * recipe.probe.seq_len
+
+
+def test_yarn_variant_extends_the_training_length_to_the_phase_length():
+    recipe = load_copy_recipe(RECIPES / "probes" / "copy.yaml")
+    config = extended_config(model_config(recipe), recipe)
+    assert config.rope_parameters == {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+    }  # fmt: skip
+    assert config.max_position_embeddings == 512
 
 
 @pytest.mark.slow

@@ -8,20 +8,17 @@ import re
 import time
 from pathlib import Path
 
-import matplotlib
 import pytest
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3.cli import main  # noqa: E402
-from dsv3.config import STAGE_ORDER, load_recipe  # noqa: E402
-from dsv3.report import REPORT_HTML, REPORT_MD, token_counts, write_report  # noqa: E402
-from dsv3.stages import headline  # noqa: E402
-from dsv3.stages.manifest import Manifest, StageKey, write_manifest  # noqa: E402
-from dsv3.stages.runner import run_stage  # noqa: E402
-from dsv3.stages.runs import record_run, run_root  # noqa: E402
-from tests.conftest import RECIPES  # noqa: E402
+from dsv3.cli import main
+from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.plotting import plt
+from dsv3.report import REPORT_HTML, REPORT_MD, token_counts, write_report
+from dsv3.stages import headline
+from dsv3.stages.manifest import Manifest, StageKey, write_manifest
+from dsv3.stages.runner import run_stage
+from dsv3.stages.runs import record_run, run_root
+from tests.conftest import RECIPES
 
 KEY = StageKey("recipe", {}, "code")
 ODD_NAME = "<b>x&y</b>|z"
@@ -182,7 +179,8 @@ def test_compare_html_overlays_both_runs_losses_and_links_their_mlflow_runs(tmp_
     """`dsv3 compare`'s page: one plot with both runs' pretraining losses (embedded), and each run's MLflow parent
     run linked — or said to be missing."""
     import dsv3.train.plots as plots
-    from dsv3.report import compare_curves_and_links, markdown_to_html
+    from dsv3.html_page import markdown_to_html
+    from dsv3.report import compare_curves_and_links
     from dsv3.stages.runs import RunView
     from dsv3.tracking import Tracker
 

@@ -1,5 +1,5 @@
 """The GRPO stage (dsv3/stages/rl.py) on a smoke-sized model with random weights: TRL's advantages are the
-weighted rewards normalised within each group of G answers to one prompt (PAPER.md, "Post-training"); the
+weighted rewards normalised within each group of G answers to one prompt (docs/paper.md, "Post-training"); the
 reference model is the SFT model reloaded by path; the k3 KL is zero at the first step, where policy and
 reference coincide; the stage killed with SIGKILL after a checkpoint resumes from it, logs each reward to its
 MLflow run and reports SFT and RL side by side."""

@@ -1,7 +1,8 @@
-"""dsv3/model/rope.py: RoPE and YaRN frequencies, interleaved rotation, softmax scale."""
+"""dsv3/model/rope.py: RoPE and YaRN frequencies, the YaRN config, interleaved rotation, softmax scale."""
 
 import math
 
+import pytest
 import torch
 from transformers import DeepseekV3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -11,7 +12,9 @@ from dsv3.model.rope import (
     apply_rotary_emb,
     attention_softmax_scale,
     rope_inverse_frequencies,
+    yarn_config,
 )
+from tests.toy_model import toy_config
 
 YARN = {
     "rope_type": "yarn",
@@ -48,6 +51,18 @@ def test_yarn_ramp_keeps_high_and_divides_low_frequencies():
     torch.testing.assert_close(yarn[0], plain[0])  # many rotations over 4K: extrapolated, unchanged
     torch.testing.assert_close(yarn[-1], plain[-1] / 40)  # under one rotation: interpolated by s
     assert torch.all(yarn <= plain) and torch.all(yarn >= plain / 40 - 1e-12)
+
+
+def test_yarn_config_switches_only_the_rope_and_refuses_a_yarn_model():
+    plain = toy_config(rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    settings = {k: YARN[k] for k in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
+    config = yarn_config(plain, original_length=4096, max_length=163840, **settings)
+    assert config.rope_parameters == {**YARN, "rope_theta": 5000.0}
+    assert config.max_position_embeddings == 163840
+    changed = {k for k, v in config.to_dict().items() if plain.to_dict()[k] != v}
+    assert changed == {"rope_parameters", "max_position_embeddings"}
+    with pytest.raises(ValueError, match="already uses rope_type 'yarn'"):
+        yarn_config(config, original_length=4096, max_length=163840, **settings)
 
 
 def test_softmax_scale_uses_mscale_squared_only_with_yarn():

@@ -1,7 +1,8 @@
 """The SFT stage (dsv3/stages/sft.py) on a smoke-sized model with random weights and a real tokenizer:
 through the batch TRL's collator builds, a packed sample's logits and loss equal those of the sample alone;
 labels cover exactly the assistant tokens of the chat template; the stage killed with SIGKILL after a
-checkpoint resumes from it, logs to its MLflow run and finishes with a loadable model."""
+checkpoint resumes from it, logs to its MLflow run and finishes with a loadable model; the resume skips (and
+dsv3/stages/post_training.py sets aside) the checkpoints a kill left unreadable."""
 
 import json
 import os
@@ -23,7 +24,7 @@ from dsv3.data.tokenizer import ASSISTANT, EOS, save_tokenizer, train_tokenizer
 from dsv3.model import DSV3ForCausalLM
 from dsv3.stages import sft
 from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
-from dsv3.stages.post_training import last_checkpoint
+from dsv3.stages.post_training import last_checkpoint, resume_checkpoint
 from dsv3.stages.pretrain import model_config
 from dsv3.stages.runner import run_stage
 from dsv3.stages.runs import run_root
@@ -211,6 +212,15 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-9"  # 12 half-written, 8 without its state
+
+
+def test_resume_checkpoint_sets_newer_unreadable_ones_aside(tmp_path, capsys):
+    for step, state in [(4, '{"global_step": 4}'), (8, '{"global_step": 8}'), (12, '{"global_st')]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert resume_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("*.corrupt-*")] == ["checkpoint-12"]
+    assert "set aside" in capsys.readouterr().err
 
 
 def test_sft_with_zero_learning_rate_fails_its_format_check_and_nothing_after_it_runs(runs_dir, pretrained):

@@ -163,10 +163,7 @@ def evaluate_passkey(
 
 def plot_passkey_heatmap(accuracy: dict[tuple[int, float], float], path: Path, title: str) -> Path:
     """Accuracy per (depth row, length column) as an annotated heatmap PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dsv3.plotting import plt
 
     lengths = sorted({length for length, _ in accuracy})
     depths = sorted({depth for _, depth in accuracy})

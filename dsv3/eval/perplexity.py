@@ -57,10 +57,7 @@ def plot_perplexity_by_length(
     curves: Mapping[str, Mapping[int, float]], path: Path, original_length: int
 ) -> Path:
     """One line per model (e.g. "before", "after"): perplexity against context length, log-2 x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dsv3.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, values in curves.items():

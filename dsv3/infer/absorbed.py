@@ -1,4 +1,4 @@
-"""Absorbed MLA decoding over the compressed cache (DeepSeek-V3 report §2.1.1; PAPER.md "KV cache").
+"""Absorbed MLA decoding over the compressed cache (DeepSeek-V3 report §2.1.1; docs/paper.md, "KV cache").
 
 The absorbed path itself lives in `dsv3.model.attention.MultiHeadLatentAttention` (on by default: every decode
 step with a non-empty cache attends against the cached latent with W^UK / W^UV absorbed, so `model.generate`

@@ -60,6 +60,44 @@ def rope_inverse_frequencies(rope_parameters: dict, dim: int) -> tuple[torch.Ten
     return inv_freq, float(attention_factor)
 
 
+def yarn_config(
+    config,
+    *,
+    original_length: int,
+    max_length: int,
+    factor: float,
+    beta_fast: float,
+    beta_slow: float,
+    mscale: float,
+    mscale_all_dim: float,
+):
+    """A copy of the plain-RoPE model config `config` with YaRN RoPE over `original_length` tokens, declared for
+    `max_length` positions.
+
+    The fields are transformers' yarn ``rope_parameters``: the scale factor s = `factor`; `beta_fast` / `beta_slow`
+    bound the "NTK-by-parts" ramp over the wavelength ratio r = L/λ (YaRN, arXiv 2309.00071, §3.2: α = beta_slow,
+    β = beta_fast); `mscale` / `mscale_all_dim` set the attention temperature √(1/t) = 0.1·mscale·ln s + 1 (§3.4).
+    DeepSeek-V3 report §4.3: s = 40, α = 1, β = 32 (docs/paper.md, "Context extension (YaRN)").
+    """
+    if config.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"the pretrained model already uses rope_type {config.rope_parameters['rope_type']!r}: extend a plain-RoPE model"
+        )
+    fields = config.to_dict()
+    fields["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": config.rope_parameters["rope_theta"],
+        "factor": factor,
+        "original_max_position_embeddings": original_length,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+    }
+    fields["max_position_embeddings"] = max_length
+    return type(config).from_dict(fields)
+
+
 def attention_softmax_scale(qk_head_dim: int, rope_parameters: dict) -> float:
     """1/sqrt(d_h + d_h^R) (eq. 10), times mscale(s, mscale_all_dim)² when YaRN is on (reference code)."""
     scale = qk_head_dim**-0.5

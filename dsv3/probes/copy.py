@@ -30,21 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import matplotlib
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3.config import ExtendSection, ModelSection, PretrainSection, RecipeError, Section, _one_line  # noqa: E402
-from dsv3.data.probes import ProbeVocab, probe_rows, retrieval_prompts  # noqa: E402
-from dsv3.eval.induction import copy_losses, repeated_random_rows  # noqa: E402
-from dsv3.eval.retrieval import retrieval_accuracy  # noqa: E402
-from dsv3.io import write_json_atomic  # noqa: E402
-from dsv3.model import DSV3Config, DSV3ForCausalLM  # noqa: E402
-from dsv3.train import LoopSettings, fit  # noqa: E402
+from dsv3.config import ExtendSection, ModelSection, PretrainSection, RecipeError, Section, _one_line
+from dsv3.data.probes import ProbeVocab, probe_rows, retrieval_prompts
+from dsv3.eval.induction import copy_losses, repeated_random_rows
+from dsv3.eval.retrieval import retrieval_accuracy
+from dsv3.io import write_json_atomic
+from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model.rope import yarn_config
+from dsv3.plotting import plt
+from dsv3.train import LoopSettings, fit
 
 RESULT, REPORT, PLOT = "result.json", "copy.md", "curves.png"
 VARIANTS = ("plain RoPE", "YaRN, no training", "plain RoPE, trained at 4x", "YaRN, trained at 4x")
@@ -153,18 +151,13 @@ def model_config(recipe: CopyProbeRecipe) -> DSV3Config:
     return recipe.model.config(recipe.probe.vocab().size, bos_token_id=None, eos_token_id=None, pad_token_id=0)
 
 
-def yarn_config(config: DSV3Config, recipe: CopyProbeRecipe) -> DSV3Config:
-    """The config with YaRN RoPE (transformers' rope_parameters, as the extend stage writes them) over the training
-    length, and max_position_embeddings = the longer length."""
+def extended_config(config: DSV3Config, recipe: CopyProbeRecipe) -> DSV3Config:
+    """The config with YaRN over the training length L, declared for the longer length."""
     ext = recipe.extend
-    fields = config.to_dict()
-    fields["rope_parameters"] = {
-        "rope_type": "yarn", "rope_theta": config.rope_parameters["rope_theta"], "factor": ext.factor,
-        "original_max_position_embeddings": recipe.probe.seq_len, "beta_fast": ext.beta_fast, "beta_slow": ext.beta_slow,
-        "mscale": ext.mscale, "mscale_all_dim": ext.mscale_all_dim,
-    }  # fmt: skip
-    fields["max_position_embeddings"] = recipe.extend.phases[0].seq_len
-    return DSV3Config.from_dict(fields)
+    return yarn_config(
+        config, original_length=recipe.probe.seq_len, max_length=ext.phases[0].seq_len, factor=ext.factor,
+        beta_fast=ext.beta_fast, beta_slow=ext.beta_slow, mscale=ext.mscale, mscale_all_dim=ext.mscale_all_dim,
+    )  # fmt: skip
 
 
 def rows_dataset(ids: np.ndarray) -> datasets.Dataset:
@@ -234,7 +227,7 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
     phase = recipe.extend.phases[0]
     variants = {}
     for name, yarn, train_long in zip(VARIANTS, (False, True, False, True), (False, False, True, True), strict=True):
-        cfg = yarn_config(config, recipe) if yarn else replace_max_positions(config, long)
+        cfg = extended_config(config, recipe) if yarn else replace_max_positions(config, long)
         if train_long:
             folder = workdir / ("extend-yarn" if yarn else "extend-rope")
             model = fit(

@@ -13,16 +13,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from dsv3.config import Recipe  # noqa: E402
-from dsv3.stages.manifest import read_manifest  # noqa: E402
-from dsv3.stages.runs import run_root  # noqa: E402
-from dsv3.tracking import tracking_uri  # noqa: E402
+from dsv3.config import Recipe
+from dsv3.plotting import plt
+from dsv3.stages.manifest import read_manifest
+from dsv3.stages.runs import run_root
+from dsv3.tracking import tracking_uri
 
 SERIES = {  # what the table and the plot read, MLflow name -> short name
     "train/reward": "reward",

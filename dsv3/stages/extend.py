@@ -1,4 +1,4 @@
-"""Context-extension stage (PAPER.md, "Context extension (YaRN)"; DeepSeek-V3 report §4.3).
+"""Context-extension stage (docs/paper.md, "Context extension (YaRN)"; DeepSeek-V3 report §4.3).
 
 The pretrained model's RoPE dims switch to YaRN: factor s, original length = the pretraining seq_len, the
 β_fast/β_slow ramp and mscale/mscale_all_dim (softmax scale × (0.1·ln s + 1)², as the reference code). It then
@@ -42,6 +42,7 @@ from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatma
 from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
+from dsv3.model.rope import yarn_config
 from dsv3.stages import StageData, StageResult
 from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
 from dsv3.stages.runs import shared_cache
@@ -128,33 +129,20 @@ def check_recipe(recipe: Recipe) -> None:
         )
 
 
-def yarn_rope_parameters(recipe: Recipe, rope_theta: float) -> dict:
-    """transformers' yarn rope_parameters: factor s over the pretraining length (PAPER.md, "Context extension")."""
+def extended_config(config: DSV3Config, recipe: Recipe) -> DSV3Config:
+    """The pretrained config with YaRN over the pretraining length, declared for the last phase's length (at least
+    s times the pretraining length)."""
     ext = recipe.extend
-    return {
-        "rope_type": "yarn",
-        "rope_theta": rope_theta,
-        "factor": ext.factor,
-        "original_max_position_embeddings": recipe.data.seq_len,
-        "beta_fast": ext.beta_fast,
-        "beta_slow": ext.beta_slow,
-        "mscale": ext.mscale,
-        "mscale_all_dim": ext.mscale_all_dim,
-    }
-
-
-def yarn_config(config: DSV3Config, recipe: Recipe) -> DSV3Config:
-    """The pretrained config with YaRN RoPE and max_position_embeddings = the last phase's length."""
-    if config.rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError(
-            f"the pretrained model already uses rope_type {config.rope_parameters['rope_type']!r}: extend a plain-RoPE model"
-        )
-    fields = config.to_dict()
-    fields["rope_parameters"] = yarn_rope_parameters(recipe, config.rope_parameters["rope_theta"])
-    fields["max_position_embeddings"] = max(
-        recipe.extend.phases[-1].seq_len, int(recipe.extend.factor * recipe.data.seq_len)
+    return yarn_config(
+        config,
+        original_length=recipe.data.seq_len,
+        max_length=max(ext.phases[-1].seq_len, int(ext.factor * recipe.data.seq_len)),
+        factor=ext.factor,
+        beta_fast=ext.beta_fast,
+        beta_slow=ext.beta_slow,
+        mscale=ext.mscale,
+        mscale_all_dim=ext.mscale_all_dim,
     )
-    return DSV3Config.from_dict(fields)
 
 
 def phase_output(workdir: Path, index: int, last: bool) -> Path:
@@ -227,7 +215,7 @@ def train_phase(
     """Fit one phase from the model in `source` (resuming from folder/checkpoints/last.ckpt), save it to `out`."""
     train_rows, val_rows = phase_rows(recipe, phase, corpus, tokenizer, shared_cache(folder.parent))
     pretrained = DSV3ForCausalLM.from_pretrained(source)
-    config = yarn_config(pretrained.config, recipe) if index == 1 else pretrained.config
+    config = extended_config(pretrained.config, recipe) if index == 1 else pretrained.config
     tracking = stage_run()
     result = fit(
         LoopSettings.for_extension(recipe.pretrain, recipe.extend, phase),

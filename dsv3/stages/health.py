@@ -1,4 +1,4 @@
-"""Health checks: what a stage's own metrics must show before the runner marks it completed (DESIGN.md, "Health").
+"""Health checks: what a stage's own metrics must show before the runner marks it completed (docs/design.md, "Health").
 
 Every stage needs finite losses (`nonfinite_losses` = 0: each stage counts the non-finite values among the losses
 it logged). Then per stage, thresholds from the recipe's `checks:` section — a field `min_x` is a lower bound and

@@ -1,4 +1,4 @@
-"""One pipeline run per runs folder at a time (DESIGN.md, "Contracts").
+"""One pipeline run per runs folder at a time (docs/design.md, "Contracts").
 
 The runs folder holds the MLflow store, Prefect's database and every stage folder; two runs writing it at once
 race on database set-up or train the same stage folder twice. `runs_lock` takes an exclusive flock on

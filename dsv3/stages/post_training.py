@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dsv3.config import ProblemsSection
 from dsv3.data.math_tasks import generate_problems
+from dsv3.io import set_aside
 from dsv3.tracking import stage_run
 
 PROGRESS = logging.getLogger("dsv3.train")
@@ -144,9 +143,7 @@ def resume_checkpoint(folder: Path) -> Path | None:
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint
-        aside = checkpoint.with_name(f"{checkpoint.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(checkpoint, aside)
-        print(f"dsv3: checkpoint {checkpoint} is unreadable ({problem}); set aside as {aside.name}", file=sys.stderr)
+        set_aside(checkpoint, problem)
     return None
 
 

@@ -1,4 +1,4 @@
-"""Pretraining stage (PAPER.md, "Pretraining", "Balancing", "Multi-token prediction").
+"""Pretraining stage (docs/paper.md, "Pretraining", "Balancing", "Multi-token prediction").
 
 FIM-augmented, packed rows of the training split (dsv3.data.build_lm_dataset, cached under runs/<recipe>/cache)
 train DSV3ForCausalLM with the training loop (dsv3.train.fit): loss = CE + λ·MTP + the sequence-wise balance loss,

@@ -1,4 +1,4 @@
-"""Reward-model stage (PAPER.md, "Post-training": a reward model trained from the SFT checkpoint on preference
+"""Reward-model stage (docs/paper.md, "Post-training": a reward model trained from the SFT checkpoint on preference
 data; paper §5.2.1).
 
 Model: the SFT network as DSV3ForSequenceClassification (num_labels = 1): the same weights plus a fresh linear
@@ -28,25 +28,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import datasets
-import matplotlib
+import torch
+from transformers import AutoTokenizer
+from trl import RewardConfig, RewardTrainer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-from trl import RewardConfig, RewardTrainer  # noqa: E402
-
-from dsv3.config import Recipe, RewardSection  # noqa: E402
-from dsv3.data.chat import conversation  # noqa: E402
-from dsv3.data.math_tasks import boxed_spans  # noqa: E402
-from dsv3.eval.accuracy import answer_is_correct, generate_completions  # noqa: E402
-from dsv3.eval.rewards import RewardModelScore  # noqa: E402
-from dsv3.io import write_json_atomic  # noqa: E402
-from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
-from dsv3.model.hf import save_model_folder  # noqa: E402
-from dsv3.stages import StageData, StageResult  # noqa: E402
-from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
-from dsv3.stages.post_training import (  # noqa: E402
+from dsv3.config import Recipe, RewardSection
+from dsv3.data.chat import conversation
+from dsv3.data.math_tasks import boxed_spans
+from dsv3.eval.accuracy import answer_is_correct, generate_completions
+from dsv3.eval.rewards import RewardModelScore
+from dsv3.io import write_json_atomic
+from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
+from dsv3.model.hf import save_model_folder
+from dsv3.plotting import plt
+from dsv3.stages import StageData, StageResult
+from dsv3.stages.health import NONFINITE, count_nonfinite
+from dsv3.stages.post_training import (
     ResumeStep,
     attach_logging,
     recipe_problems,

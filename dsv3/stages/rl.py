@@ -1,4 +1,4 @@
-"""GRPO stage (PAPER.md, "Post-training"; paper §5.2.2, DeepSeekMath's Group Relative Policy Optimization).
+"""GRPO stage (docs/paper.md, "Post-training"; paper §5.2.2, DeepSeekMath's Group Relative Policy Optimization).
 
 For each prompt q the policy samples a group of G answers o_1..o_G; each gets the weighted sum of the rewards
 r_i = w_c·correct(o_i) + w_f·well_formed(o_i) + w_rm·RM(q, o_i)   (dsv3.eval.rewards), and the advantage
@@ -25,23 +25,20 @@ import warnings
 from pathlib import Path
 
 import datasets
-import matplotlib
 import numpy as np
+from transformers import AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-
-from dsv3.config import Recipe, RlSection  # noqa: E402
-from dsv3.data.math_tasks import rl_example  # noqa: E402
-from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
-from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_reward  # noqa: E402
-from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification  # noqa: E402
-from dsv3.model.hf import save_model_folder  # noqa: E402
-from dsv3.stages import StageData, StageResult  # noqa: E402
-from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
-from dsv3.stages.post_training import (  # noqa: E402
+from dsv3.config import Recipe, RlSection
+from dsv3.data.math_tasks import rl_example
+from dsv3.eval.accuracy import evaluate_accuracy
+from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_reward
+from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
+from dsv3.model.hf import save_model_folder
+from dsv3.plotting import plt
+from dsv3.stages import StageData, StageResult
+from dsv3.stages.health import NONFINITE, count_nonfinite
+from dsv3.stages.post_training import (
     ResumeStep,
     attach_logging,
     recipe_problems,

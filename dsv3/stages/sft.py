@@ -1,4 +1,4 @@
-"""Supervised fine-tuning stage (PAPER.md, "Post-training": 2 epochs, cosine LR 5e-6 → 1e-6, sample masking).
+"""Supervised fine-tuning stage (docs/paper.md, "Post-training": 2 epochs, cosine LR 5e-6 → 1e-6, sample masking).
 
 Data: generated math problems with worked solutions ending in \\boxed{answer} (dsv3.data.math_tasks), plus the
 chat files the recipe names, as conversations in the tokenizer's chat template. TRL's SFTTrainer packs them
@@ -23,22 +23,19 @@ import time
 from pathlib import Path
 
 import datasets
-import matplotlib
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-from dsv3.config import Recipe, SftSection  # noqa: E402
-from dsv3.data.chat import check_messages, format_conversation  # noqa: E402
-from dsv3.data.math_tasks import sft_example  # noqa: E402
-from dsv3.eval.accuracy import evaluate_accuracy  # noqa: E402
-from dsv3.model import DSV3ForCausalLM  # noqa: E402
-from dsv3.model.hf import save_model_folder  # noqa: E402
-from dsv3.stages import StageData, StageResult  # noqa: E402
-from dsv3.stages.health import NONFINITE, count_nonfinite  # noqa: E402
-from dsv3.stages.post_training import (  # noqa: E402
+from dsv3.config import Recipe, SftSection
+from dsv3.data.chat import check_messages, format_conversation
+from dsv3.data.math_tasks import sft_example
+from dsv3.eval.accuracy import evaluate_accuracy
+from dsv3.model import DSV3ForCausalLM
+from dsv3.model.hf import save_model_folder
+from dsv3.plotting import plt
+from dsv3.stages import StageData, StageResult
+from dsv3.stages.health import NONFINITE, count_nonfinite
+from dsv3.stages.post_training import (
     ResumeStep,
     attach_logging,
     recipe_problems,

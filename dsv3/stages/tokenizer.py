@@ -1,4 +1,4 @@
-"""Tokenizer stage: byte-level BPE trained on the training split (PAPER.md, "Model": vocab).
+"""Tokenizer stage: byte-level BPE trained on the training split (docs/paper.md, "Model": vocab).
 
 With a `data.mixture`, it trains on every source in its mean share of the run (dsv3.data.mixture.tokenizer_texts).
 Output: `tokenizer/` — tokenizer.json plus a transformers fast-tokenizer directory with the chat template,

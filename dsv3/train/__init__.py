@@ -1,4 +1,5 @@
-"""The pretraining / extension training loop as a layer the stages compose (DESIGN.md: stages → train → model):
+"""The pretraining / extension training loop as a layer the stages compose (docs/design.md,
+"Layers": stages → train → model):
 
     settings.py    LoopSettings, built from the pretrain section or an extension phase
     schedules.py   LR, λ, γ and batch-size schedules as functions of the tokens seen; the step plan

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dsv3.io import set_aside
 from dsv3.train.sharded import is_sharded, sharded_step, unsharded
 
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
@@ -135,13 +134,7 @@ def resume_point(checkpoints: Path) -> tuple[Path | None, int]:
                 else int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
             )
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
-            aside = path.with_name(f"{name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:  # another rank of this run set it aside first
-                continue
-            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-            print(f"dsv3: checkpoint {path} is unreadable ({reason}); set aside as {aside.name}", file=sys.stderr)
+            set_aside(path, str(err).splitlines()[0][:120] if str(err) else type(err).__name__)
             continue
         return path, step
     return None, 0

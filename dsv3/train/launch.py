@@ -1,4 +1,4 @@
-"""Multi-process training as a `torchrun` subprocess (DESIGN.md, "Known traps": Lightning's DDP re-executes the
+"""Multi-process training as a `torchrun` subprocess (docs/design.md, "Known traps": Lightning's DDP re-executes the
 script, so it never runs inside the Prefect task).
 
 A stage calls `launch_torchrun` when devices × num_nodes > 1; every rank then runs

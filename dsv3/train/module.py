@@ -1,4 +1,4 @@
-"""The LightningModule that trains DSV3ForCausalLM (PAPER.md, "Pretraining": AdamW β 0.9/0.95, weight decay 0.1 on
+"""The LightningModule that trains DSV3ForCausalLM (docs/paper.md, "Pretraining": AdamW β 0.9/0.95, weight decay 0.1 on
 matrices only, gradient clip 1.0; loss = CE + λ·mean_k L^k_MTP + the sequence-wise balance loss).
 
 Optimisation is manual so that one optimizer step spans a fixed number of micro-batches whose size follows the
@@ -49,7 +49,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 
 class CausalLMTraining(L.LightningModule):
-    """DSV3ForCausalLM trained on L = CE + λ·(1/D) Σ_k L^k_MTP + L_Bal (PAPER.md, "Multi-token prediction",
+    """DSV3ForCausalLM trained on L = CE + λ·(1/D) Σ_k L^k_MTP + L_Bal (docs/paper.md, "Multi-token prediction",
     "Balancing"), one optimizer step per `accumulation_steps` micro-batches.
 
     token_bytes (V,): UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte. step_offset:

@@ -1,4 +1,4 @@
-"""The training loop's plots as PNGs (matplotlib, Agg backend: no display needed).
+"""The training loop's plots as PNGs (matplotlib, headless: dsv3.plotting).
 
 `history` is the list of records the training module logs (dsv3.train.module): {"step": s, "train/loss": ..., "val/loss": ...};
 each plot draws the keys it needs from the records that have them.
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from dsv3.plotting import plt
 
 
 def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:

@@ -1,4 +1,4 @@
-"""The pretraining schedules (PAPER.md, "Pretraining", "Balancing", "Multi-token prediction"), each a pure
+"""The pretraining schedules (docs/paper.md, "Pretraining", "Balancing", "Multi-token prediction"), each a pure
 function of the tokens seen, so they do not depend on the batch size and are restored by restoring the step.
 
 Positions are fractions of the run's total tokens, as in the recipe's `pretrain` section (read through

@@ -1,7 +1,7 @@
 """The training loop's settings: one frozen object the loop reads, built from the recipe's `pretrain` section or
 from one phase of its `extend` section — so the extension stage never forges a pretraining section.
 
-Field names are the pretrain section's (PAPER.md, "Pretraining"): positions in the run are fractions of its
+Field names are the pretrain section's (docs/paper.md, "Pretraining"): positions in the run are fractions of its
 tokens; an extension phase is the same loop with its own batch, length and a constant LR after a warm-up.
 """
 
@@ -68,9 +68,9 @@ class LoopSettings:
 
     @classmethod
     def for_extension(cls, cfg: PretrainSection, ext: ExtendSection, phase: ExtendPhase) -> LoopSettings:
-        """One extension phase (PAPER.md, "Context extension"): its batch, length and steps; a constant LR after a
-        linear warm-up of extend.lr_warmup_steps; constant λ and γ; the extend section's intervals; AdamW, clipping,
-        precision, processes and strategy (ddp / fsdp, expert_parallel) as in pretraining."""
+        """One extension phase (docs/paper.md, "Context extension (YaRN)"): its batch, length and steps; a constant
+        LR after a linear warm-up of extend.lr_warmup_steps; constant λ and γ; the extend section's intervals; AdamW,
+        clipping, precision, processes and strategy (ddp / fsdp, expert_parallel) as in pretraining."""
         steps = phase.steps or math.ceil(phase.tokens / (phase.global_batch_size * phase.seq_len))
         return replace(
             cls.from_pretrain(cfg),
