@@ -1,4 +1,4 @@
-"""The ablation report: pretraining ablations over several seeds beside the papers' numbers (PAPER.md).
+"""The ablation report: pretraining ablations over several seeds beside the papers' numbers (docs/paper.md).
 
 Each ablation is a set of arms that differ in one recipe switch — same data and tokenizer — each run with the same
 seeds; a seed fixes the initialisation and the data order, and arms run with the same seed form a pair:
@@ -36,11 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
 from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from dsv3.plotting import plt
 
 MISSING = "missing"
 NONE = "—"

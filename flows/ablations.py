@@ -49,7 +49,7 @@ from dsv3.ablation_report import (
 )
 from dsv3.config import Recipe, flatten, load_recipe
 from dsv3.errors import StageFailed
-from dsv3.report import markdown_to_html
+from dsv3.html_page import markdown_to_html
 from dsv3.stages import pretrain
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import code_version
