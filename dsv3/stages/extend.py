@@ -321,7 +321,8 @@ def stage_result(
         for length, value in evaluation["perplexity"].items():
             metrics[f"ppl_{label}_L{length}"] = value
         for length, value in evaluation.get("perplexity_se", {}).items():
-            metrics[f"ppl_rel_se_{label}_L{length}"] = value  # the sd of log perplexity over the windows / √N
+            if math.isfinite(value):  # the sd of log perplexity over the windows / √N (none from one window)
+                metrics[f"ppl_rel_se_{label}_L{length}"] = value
         metrics[f"induction_gain_{label}"] = evaluation["copying"]["induction_gain"]
         metrics[f"second_copy_loss_{label}"] = evaluation["copying"]["second_copy_loss"]
         title = f"Passkey retrieval {label} extension (held-out keys and filler)"
