@@ -31,7 +31,7 @@ from dsv3.eval.harness import read_results
 from dsv3.html_page import IMAGE_TYPES, markdown_to_html
 from dsv3.io import write_text_atomic
 from dsv3.model import DSV3Config, count_parameters
-from dsv3.stages import available_stages, headline
+from dsv3.stages import available_stages, get_stage, headline
 from dsv3.stages.manifest import MANIFEST_NAME, Manifest, read_manifest
 from dsv3.stages.runs import RunView, read_run_info, recipe_differences, resolve_run
 
@@ -347,6 +347,8 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
         lines += ["### Metrics", "", "| metric | value |", "|---|--:|"]
         lines += [f"| {_md(name)} | {_value(value)} |" for name, value in metrics.items()]
         lines.append("")
+        note = getattr(get_stage(view.name), "METRICS_NOTE", "") if view.built else ""
+        lines += [_md(note), ""] if note else []
     lines += _lm_eval_section(run_dir / view.name)
     if m.artifacts:
         lines += ["### Plots", ""]

@@ -1,7 +1,8 @@
 """dsv3/stages/extend.py on the smoke recipe: the YaRN config it builds (over the pretraining length, declared for
 s times it or the last phase's length) equals transformers' yarn RoPE (frequencies, cos/sin factor and the softmax
 scale of DeepseekV3Attention); the stage trains both phases, evaluates before and after, writes a loadable YaRN
-model; a run killed with SIGKILL mid-phase resumes from its checkpoint and finishes."""
+model; a run killed with SIGKILL mid-phase resumes from its checkpoint and finishes; its perplexity before extension at
+the pretraining length measures what pretraining's validation loss measures, and agrees with it within the noise."""
 
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import DeepseekV3Config
@@ -18,11 +20,17 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from dsv3.config import RecipeError, load_recipe
+from dsv3.data.corpus import recipe_corpus
+from dsv3.data.dataset import build_lm_dataset
+from dsv3.data.tokenizer import load_tokenizer
+from dsv3.eval.perplexity import row_nlls
 from dsv3.model import DSV3ForCausalLM
-from dsv3.stages.extend import extended_config
+from dsv3.report import _md, write_report
+from dsv3.stages.extend import METRICS_NOTE, extended_config, perplexity_rows
 from dsv3.stages.manifest import read_manifest
 from dsv3.stages.runner import run_stage
 from dsv3.stages.runs import run_root
+from dsv3.train.data import validation_subset
 from tests.conftest import RECIPES, REPO
 from tests.toy_model import toy_config
 
@@ -123,3 +131,38 @@ def test_extend_runs_and_resumes_after_kill(runs_dir):
     assert rope["original_max_position_embeddings"] == recipe.data.seq_len
     assert (workdir / "model" / "tokenizer.json").is_file()
     assert run_stage("extend", recipe, runs_dir).action == "skipped"
+
+
+@pytest.mark.slow
+def test_perplexity_at_the_pretraining_length_is_pretrainings_validation_loss(runs_dir, tmp_path):
+    """One model, one perplexity: the extension's perplexity before training at the pretraining length L is scored
+    on rows of pretraining's own validation set (the validation split packed the same way: no FIM, no BOS, documents
+    joined by EOS — here every one of its rows of L is one of them), and it agrees with pretraining's final
+    validation loss within 3 standard errors of their difference. The two are other evenly spread samples of one
+    split: the extension's standard error is its stage's (the spread of its windows), pretraining's is the spread
+    of its val_max_rows rows over √their number; hypot of the two is the difference's (the samples overlap, which
+    only makes it smaller)."""
+    recipe = smoke("smoke-ppl")
+    metrics = {stage: run_stage(stage, recipe, runs_dir).manifest.metrics for stage in ("tokenizer", "pretrain", "extend")}
+    length = recipe.data.seq_len
+    model_dir = run_root(runs_dir, recipe) / "pretrain" / "model"
+    tokenizer = load_tokenizer(model_dir)
+    corpus = recipe_corpus(recipe.data)
+    rows = build_lm_dataset(corpus["validation"], tokenizer, length, 0.0, 0.0, recipe.seed, tmp_path / "cache")
+    windows = perplexity_rows(recipe, tokenizer, corpus["validation"], tmp_path / "cache")
+    cut = windows[:, : windows.shape[1] // length * length].reshape(-1, length)
+    assert set(map(tuple, cut.tolist())) <= set(map(tuple, rows["input_ids"]))
+    assert windows.numel() == metrics["extend"]["perplexity_tokens"] >= 16 * max(recipe.extend.perplexity_lengths)
+
+    pretrain_rows = validation_subset(rows, recipe.pretrain.val_max_rows)
+    ids = torch.tensor(np.asarray(pretrain_rows.with_format("numpy")["input_ids"]), dtype=torch.long)
+    per_row = row_nlls(DSV3ForCausalLM.from_pretrained(model_dir), ids) / (length - 1)
+    val_loss = metrics["pretrain"]["final_val_loss"]
+    assert float(per_row.mean()) == pytest.approx(val_loss, rel=1e-5)  # these are the rows it was measured on
+    pretrain_se = float(per_row.std()) / math.sqrt(len(per_row))
+    extend_se = metrics["extend"][f"ppl_rel_se_before_L{length}"]
+    difference = math.log(metrics["extend"][f"ppl_before_L{length}"]) - val_loss
+    assert 0 < extend_se < 0.05 and abs(difference) <= 3 * math.hypot(pretrain_se, extend_se), (difference, pretrain_se, extend_se)
+
+    report, _ = write_report(run_root(runs_dir, recipe))  # the report card says so under the stage's metrics
+    assert _md(METRICS_NOTE) in report.read_text().split("## Stage: extend", 1)[1].split("## Stage:", 1)[0]

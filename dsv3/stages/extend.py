@@ -8,7 +8,9 @@ updates at extend.bias_update_speed), with a constant LR after an optional warm-
 (extend.retrieval_fraction) are synthetic passkey documents: training keys hidden in training-split filler.
 
 Evaluation, before and after: passkey accuracy per (length, depth) with held-out keys and validation-split filler
-(dsv3.eval.passkey), validation perplexity by context length (dsv3.eval.perplexity), and the induction gain of
+(dsv3.eval.passkey), validation perplexity by context length (dsv3.eval.perplexity: windows of the validation
+split, evenly spread, cut into rows of each length; at the pretraining length it estimates exp(pretraining's
+validation loss), within the noise it states: `perplexity_rows`), and the induction gain of
 repeated random sequences (dsv3.eval.induction) — whether the model can copy from its context at all, which
 retrieval needs.
 
@@ -39,7 +41,7 @@ from dsv3.data.dataset import build_lm_dataset
 from dsv3.data.tokenizer import EOS, load_tokenizer, token_byte_lengths
 from dsv3.eval.induction import copy_losses, copy_probe_rows
 from dsv3.eval.passkey import PasskeyTask, evaluate_passkey, plot_passkey_heatmap
-from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
+from dsv3.eval.perplexity import plot_perplexity_by_length, window_perplexity
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.rope import yarn_config
@@ -59,6 +61,11 @@ HEADLINE = (
     "ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_before_", "passkey_accuracy_after_",
     "passkey_gain_4x",
 )  # fmt: skip
+METRICS_NOTE = (  # the report card's line under this stage's metrics
+    "ppl_before_L<n>: perplexity of the validation split in evenly spread windows cut into rows of n tokens "
+    "(ppl_rel_se_*: the standard error of its log); at the pretraining length it is exp(pretrain's final_val_loss) "
+    "measured on other rows of the same split, equal within their noise; ppl_after_L<n>: the same of the YaRN model."
+)
 TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a fix to this section
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
 RESULT = "result.json"  # phase<i>/result.json: the phase's history, steps and resume point
@@ -78,12 +85,12 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     corpus = recipe_corpus(recipe.data)
     ext = recipe.extend
     heldout = PasskeyTask(tokenizer, corpus["validation"]["text"], "heldout", ext.passkey_digits, recipe.seed)
-    ppl_rows = perplexity_rows(recipe, tokenizer, corpus["validation"], shared_cache(workdir))
+    ppl_windows = perplexity_rows(recipe, tokenizer, corpus["validation"], shared_cache(workdir))
     copy_rows = copy_probe_rows(tokenizer, recipe.seed)
 
     started = time.perf_counter()
     before = cached_evaluation(
-        workdir / "eval_before.json", DSV3ForCausalLM.from_pretrained(source), heldout, ppl_rows, copy_rows, recipe
+        workdir / "eval_before.json", DSV3ForCausalLM.from_pretrained(source), heldout, ppl_windows, copy_rows, recipe
     )
     eval_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -108,7 +115,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
         workdir / "eval_after.json",
         DSV3ForCausalLM.from_pretrained(workdir / OUTPUT),
         heldout,
-        ppl_rows,
+        ppl_windows,
         copy_rows,
         recipe,
     )
@@ -240,12 +247,16 @@ def train_phase(
 
 def perplexity_rows(
     recipe: Recipe, tokenizer: Tokenizer, validation: datasets.Dataset, cache: Path
-) -> dict[int, torch.Tensor]:
-    """{L: rows (N_L, L)}: about extend.perplexity_tokens validation tokens, the same tokens at every length L.
+) -> torch.Tensor:
+    """Windows (N, longest L) of about extend.perplexity_tokens validation tokens, cut into rows of every L when
+    scored (dsv3.eval.perplexity.window_perplexity): the same tokens at every length.
 
-    Windows of the longest L are taken evenly spread over the packed validation split — as the pretrain stage
-    spreads its validation rows (its documents differ a lot in difficulty; the first few alone scored twice the
-    perplexity of the whole split) — and each is cut into rows of every shorter L."""
+    The windows are evenly spread over the packed validation split, as the pretrain stage spreads its validation
+    rows, and the split is packed as pretraining packs it (no FIM, no splitting, documents joined by EOS, no BOS):
+    rows of the pretraining length cut from a window are rows of pretraining's validation set, and perplexity at
+    that length estimates exp(pretraining's validation loss). Its documents differ a lot in difficulty (tiny: the
+    sd of a 256-token row's loss is 1.7 nats), so a few windows do not: 2 windows of 2048 scored the tiny model's
+    perplexity at 256 at 134 against exp(3.933) = 51 (the stage states the noise: ppl_rel_se_*)."""
     longest = max(recipe.extend.perplexity_lengths)
     packed = build_lm_dataset(validation, tokenizer, longest, 0.0, 0.0, recipe.seed, cache)
     if len(packed) == 0:
@@ -253,8 +264,7 @@ def perplexity_rows(
             f"extend.perplexity_lengths: the validation split packs into no row of {longest} tokens; drop that length"
         )
     windows = validation_subset(packed, max(1, recipe.extend.perplexity_tokens // longest))
-    tokens = torch.tensor(np.asarray(windows.with_format("numpy")["input_ids"]), dtype=torch.long)  # (N, longest)
-    return {length: tokens[:, : longest // length * length].reshape(-1, length) for length in recipe.extend.perplexity_lengths}
+    return torch.tensor(np.asarray(windows.with_format("numpy")["input_ids"]), dtype=torch.long)  # (N, longest)
 
 
 def passkey_lengths(recipe: Recipe) -> list[int]:
@@ -266,23 +276,24 @@ def cached_evaluation(
     path: Path,
     model,
     task: PasskeyTask,
-    ppl_rows: dict[int, torch.Tensor],
+    ppl_windows: torch.Tensor,
     copy_rows: torch.Tensor,
     recipe: Recipe,
 ) -> dict:
-    """Passkey accuracy per (length, depth), perplexity per length and in-context copying (dsv3.eval.induction)
-    of `model`, kept in `path` across resumes."""
+    """Passkey accuracy per (length, depth), perplexity per length with the standard error of its log (nats) and
+    in-context copying (dsv3.eval.induction) of `model`, kept in `path` across resumes."""
     if path.is_file():
         return json.loads(path.read_text())
     ext = recipe.extend
     accuracy = evaluate_passkey(
         model, task, passkey_lengths(recipe), ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
     )
+    scored = {length: window_perplexity(model, ppl_windows, length, ext.eval_batch_size) for length in sorted(ext.perplexity_lengths)}
     result = {
         "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
-        "perplexity": {
-            str(k): v for k, v in perplexity_by_length(model, ppl_rows, ext.eval_batch_size).items()
-        },
+        "perplexity": {str(k): ppl for k, (ppl, _) in scored.items()},
+        "perplexity_se": {str(k): se for k, (_, se) in scored.items()},
+        "perplexity_tokens": ppl_windows.numel(),
         "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
     }
     write_json_atomic(path, result)
@@ -309,6 +320,9 @@ def stage_result(
             metrics[f"passkey_accuracy_{label}_L{length}"] = float(np.mean(cells))
         for length, value in evaluation["perplexity"].items():
             metrics[f"ppl_{label}_L{length}"] = value
+        for length, value in evaluation.get("perplexity_se", {}).items():
+            if math.isfinite(value):  # the sd of log perplexity over the windows / √N (none from one window)
+                metrics[f"ppl_rel_se_{label}_L{length}"] = value
         metrics[f"induction_gain_{label}"] = evaluation["copying"]["induction_gain"]
         metrics[f"second_copy_loss_{label}"] = evaluation["copying"]["second_copy_loss"]
         title = f"Passkey retrieval {label} extension (held-out keys and filler)"
@@ -335,6 +349,7 @@ def stage_result(
     metrics |= {
         "final_val_loss": finals[-1]["val/loss"] if finals else math.nan,
         "steps": float(total_steps),
+        "perplexity_tokens": float(before.get("perplexity_tokens", math.nan)),  # scored at every length
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         NONFINITE: count_nonfinite(logged_losses(history)),
