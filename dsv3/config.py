@@ -505,7 +505,7 @@ class RlChecks(Section):
 
 
 class ChecksSection(Section):
-    """Health checks a stage must pass to count as completed (dsv3.stages.health). Every stage also needs finite
+    """Health checks a stage must pass to count as completed (dsv3.store.health). Every stage also needs finite
     losses. Not part of any stage's key: changing a threshold re-judges a finished stage without rerunning it."""
 
     enforce: bool = Field(
@@ -620,7 +620,7 @@ def _dump(section: Any) -> Any:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), variant: str | None = None) -> Recipe:
     """Read a recipe file (following `base:` chains), apply `key=value` overrides and validate it; `variant` names
-    the run's folder (else the overrides do, see dsv3.stages.runs)."""
+    the run's folder (else the overrides do, see dsv3.store.runs)."""
     raw = _read_with_bases(Path(path), seen=())
     for item in overrides:
         _apply_override(raw, item)
@@ -717,13 +717,28 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _one_line(err: ValidationError) -> str:
+def load_yaml_model(path: str | Path, schema: type[BaseModel], hint: str) -> Any:
+    """A YAML file validated against `schema` (a recipe-like file of another shape: a probe's); RecipeError with one
+    line naming the key. `hint` says what file to pass when it is missing."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return schema.model_validate(raw)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path} ({hint})") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path.name}: not valid YAML: {err}") from None
+    except ValidationError as err:
+        raise RecipeError(f"{path.name}: {_one_line(err, schema)}") from None
+
+
+def _one_line(err: ValidationError, schema: type[BaseModel] | None = None) -> str:
     """The first validation error as `dotted.key: what is allowed (got value)`."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(first["loc"][:-1])
+        allowed = _allowed_keys(first["loc"][:-1], schema or Recipe)
         return f"{loc}: unknown key (allowed: {', '.join(allowed)})"
     if kind == "missing":
         return f"{loc}: required key is missing"
@@ -735,8 +750,7 @@ def _one_line(err: ValidationError) -> str:
     return f"{loc or 'recipe'}: {msg}{shown}"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Recipe
+def _allowed_keys(loc: tuple[Any, ...], model: Any) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         if field is None:

@@ -32,8 +32,8 @@ from dsv3.html_page import IMAGE_TYPES, markdown_to_html
 from dsv3.io import write_text_atomic
 from dsv3.model import DSV3Config, count_parameters
 from dsv3.stages import available_stages, headline
-from dsv3.stages.manifest import MANIFEST_NAME, Manifest, read_manifest
-from dsv3.stages.runs import RunView, read_run_info, recipe_differences, resolve_run
+from dsv3.store.manifest import MANIFEST_NAME, Manifest, read_manifest
+from dsv3.store.runs import RunView, read_run_info, recipe_differences, resolve_run
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"

@@ -118,7 +118,7 @@ def add_flow_commands(sub) -> None:
 @contextmanager
 def orchestrated(runs_dir: Path, command: str) -> Iterator[None]:
     """The runs folder's lock, then Prefect's API server, for as long as a flow runs."""
-    from dsv3.stages.lock import runs_lock
+    from dsv3.store.lock import runs_lock
     from flows.runtime import prefect_api
 
     with runs_lock(runs_dir, command), prefect_api(runs_dir):

@@ -19,17 +19,17 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from dsv3.config import RecipeError, load_recipe
 from dsv3.model import DSV3ForCausalLM
+from dsv3.stages import run_stage
 from dsv3.stages.extend import extended_config
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from tests.conftest import RECIPES, REPO
 from tests.toy_model import toy_config
 
 KILLABLE_RUN = """
 import sys
 from dsv3.config import load_recipe
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
 recipe = load_recipe(sys.argv[1], sys.argv[3:])
 for stage in ("tokenizer", "pretrain", "extend"):
     run_stage(stage, recipe, sys.argv[2])

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from dsv3.cli import main
 from dsv3.config import flatten, load_recipe
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import code_version
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runner import code_version
+from dsv3.store.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline, stages_to_run
 from flows.runtime import prefect_api

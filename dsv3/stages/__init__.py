@@ -1,76 +1,57 @@
-"""Pipeline stages. Each stage is a module `dsv3.stages.<name>` exposing
-
-    SECTIONS: tuple[str, ...]   recipe sections whose values decide its output (hashed into its key)
-    HEADLINE: tuple[str, ...]   the metrics that say whether it worked (a name ending in "_" is a prefix): the
-              report card's summary and the MLflow parent run show these
-    INPUTS:   tuple[str, ...]   upstream stages whose outputs it reads — or, when that depends on the
-              recipe, a function `inputs(recipe) -> tuple[str, ...]` instead
-    run(recipe, workdir, inputs) -> StageResult
-
-`workdir` is `runs/<recipe>/<stage>/`; `inputs` maps each upstream stage to its folder. A stage knows
-nothing of Prefect; the runner (`dsv3.stages.runner`) decides whether to skip, resume or rerun it.
+"""The pipeline's stages: each module `dsv3.stages.<name>` declares itself with one `STAGE = Stage(...)`
+(dsv3.store.stage: its sections, inputs, outputs, checks, headline metrics and run). This package finds a stage's
+declaration by its name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage
+knows nothing of Prefect (docs/design.md, "Layers").
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
-from dsv3.config import STAGE_ORDER
+from dsv3 import STAGE_ORDER
 from dsv3.errors import InputError
+from dsv3.store.stage import Stage
 
-
-@dataclass
-class StageData:
-    """A dataset a stage read, for MLflow's run inputs: its rows (a `datasets.Dataset`), where they came from (a
-    local file or folder, `hf:<name>`, or the dsv3 function that generated them) and the context it was read in."""
-
-    rows: Any
-    source: str
-    context: str = "training"
-
-
-@dataclass
-class StageResult:
-    """What a stage hands back: outputs later stages read, metrics, artifacts (plots) to log, and the datasets it
-    read (name -> StageData)."""
-
-    outputs: list[str]
-    metrics: dict[str, float] = field(default_factory=dict)
-    artifacts: list[str] = field(default_factory=list)
-    summary: str = ""
-    data: dict[str, StageData] = field(default_factory=dict)
+EXTRA: dict[str, Stage] = {}  # stages declared outside dsv3/stages/ (a test's toy stage), by name
 
 
 def available_stages() -> list[str]:
     """The stages of STAGE_ORDER that are built, in order."""
-    return [name for name in STAGE_ORDER if importlib.util.find_spec(f"dsv3.stages.{name}") is not None]
+    return [name for name in STAGE_ORDER if name in EXTRA or importlib.util.find_spec(f"dsv3.stages.{name}") is not None]
 
 
-def stage_inputs(module: ModuleType, recipe) -> tuple[str, ...]:
-    """The upstream stages `module` reads for this recipe."""
-    return tuple(module.inputs(recipe)) if hasattr(module, "inputs") else tuple(module.INPUTS)
-
-
-def get_stage(name: str) -> ModuleType:
+def get_stage(name: str) -> Stage:
+    """The declaration of stage `name`."""
+    if name in EXTRA:
+        return EXTRA[name]
     if name not in STAGE_ORDER:
         raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
     if name not in available_stages():
         raise ValueError(f"stage {name!r} is not built yet (built: {', '.join(available_stages())})")
-    return importlib.import_module(f"dsv3.stages.{name}")
+    return importlib.import_module(f"dsv3.stages.{name}").STAGE
+
+
+def run_stage(name: str, recipe, runs_dir, tracker=None):
+    """Skip, resume or run stage `name` of `recipe` (dsv3.store.runner.run_stage)."""
+    from dsv3.store.runner import run_stage as run_declared
+
+    return run_declared(get_stage(name), recipe, runs_dir, tracker)
+
+
+def stage_key(name: str, recipe, root: Path):
+    """The key stage `name` of `recipe` would run under (dsv3.store.runner.stage_key)."""
+    from dsv3.store.runner import stage_key as key_of_declared
+
+    return key_of_declared(get_stage(name), recipe, root)
 
 
 def check_data_files(recipe, stages: list[str]) -> None:
     """Before a run starts: every local file the stages would read exists (InputError naming the first that does
-    not). Each stage that reads local files lists them with `data_files(recipe)`."""
+    not)."""
     for name in stages:
-        module = get_stage(name)
-        for path in module.data_files(recipe) if hasattr(module, "data_files") else ():
+        for path in get_stage(name).files(recipe):
             if not Path(path).expanduser().exists():
                 raise InputError(
                     f"{path} does not exist (the {name} stage reads it; paths are relative to the working directory)"
@@ -78,11 +59,5 @@ def check_data_files(recipe, stages: list[str]) -> None:
 
 
 def headline(name: str, metrics: dict[str, float]) -> dict[str, float]:
-    """The stage's HEADLINE metrics present in `metrics`, in HEADLINE order (an entry ending in "_" is a prefix)."""
-    wanted = getattr(get_stage(name), "HEADLINE", ())
-    return {
-        k: metrics[k]
-        for entry in wanted
-        for k in sorted(metrics, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
-        if (k.startswith(entry) if entry.endswith("_") else k == entry)
-    }
+    """Stage `name`'s headline metrics present in `metrics`, in its declared order."""
+    return get_stage(name).headline_of(metrics)

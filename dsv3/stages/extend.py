@@ -43,26 +43,18 @@ from dsv3.eval.perplexity import perplexity_by_length, plot_perplexity_by_length
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.rope import yarn_config
-from dsv3.stages import StageData, StageResult
-from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
-from dsv3.stages.runs import shared_cache
+from dsv3.store import Stage, StageData, StageResult, metric
+from dsv3.store.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.store.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import LoopSettings, fit
 from dsv3.train.data import validation_subset
 from dsv3.train.launch import inside_torchrun, launch_torchrun
 from dsv3.train.plots import plot_losses
 
-SECTIONS = ("data", "pretrain", "extend")
-INPUTS = ("pretrain",)
 OUTPUT = "model"
-HEADLINE = (
-    "ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_before_", "passkey_accuracy_after_",
-    "passkey_gain_4x",
-)  # fmt: skip
-TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a fix to this section
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
 RESULT = "result.json"  # phase<i>/result.json: the phase's history, steps and resume point
-PHASES_ENTRY = "dsv3.stages.extend:train_phases"
 
 
 def data_files(recipe: Recipe) -> list[str]:
@@ -91,7 +83,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     if settings.world_size > 1 and not inside_torchrun():
         for phase in ext.phases:  # built once here, loaded by every rank
             phase_rows(recipe, phase, corpus, tokenizer, shared_cache(workdir))
-        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes, entry=PHASES_ENTRY)
+        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes, entry=train_phases)
     else:
         train_phases(recipe, workdir, inputs)
     train_seconds = time.perf_counter() - started
@@ -360,3 +352,22 @@ def stage_result(
         f"{metrics['induction_gain_after']:.2f} nats (0 = no in-context copying)"
     )
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary)
+
+
+STAGE = Stage(
+    name="extend",
+    run=run,
+    sections=("data", "pretrain", "extend"),
+    inputs=("pretrain",),
+    outputs=(OUTPUT,),
+    checks={
+        "max_ppl_increase": metric("ppl_change_at_original_length"),
+        "min_passkey_accuracy_4x": metric("passkey_accuracy_after_4x"),
+    },
+    headline=(
+        "ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_before_", "passkey_accuracy_after_",
+        "passkey_gain_4x",
+    ),
+    tunable=("extend",),  # a diverged run resumes from its last checkpoint after a fix to these
+    data_files=data_files,
+)  # fmt: skip
