@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dsv3 import STAGE_ORDER
 from dsv3.cli import add_runs_dir_option, add_set_option, exit_with, flow_runs_dir, runs_folder
 from dsv3.cli import main as dsv3_main
+from dsv3.config import STAGE_ORDER
 from dsv3.errors import Failure
 
 

@@ -83,7 +83,7 @@ def test_the_launch_form_offers_the_stages_and_a_served_run_accepts_them():
     from prefect.exceptions import ParameterTypeError
     from prefect.utilities.callables import parameter_schema
 
-    from dsv3 import STAGE_ORDER
+    from dsv3.config import STAGE_ORDER
 
     until = parameter_schema(pipeline).model_dump()["properties"]["until"]
     assert {"enum": list(STAGE_ORDER), "type": "string"} in until["anyOf"] and until["default"] is None

@@ -1,7 +1,8 @@
 """The pipeline's stages: each module `dsv3.stages.<name>` declares itself with one `STAGE = Stage(...)`
-(dsv3.store.stage: its sections, inputs, outputs, checks, headline metrics and run). This package finds a stage's
-declaration by its name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage
-knows nothing of Prefect (docs/design.md, "Layers").
+(dsv3.store.stage: its sections, inputs, outputs, how its checks are measured, headline metrics and run); its recipe
+section and checks' thresholds are its entry in dsv3.config.STAGES. This package finds a stage's declaration by its
+name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage knows nothing of
+Prefect (docs/design.md, "Stages").
 """
 
 from __future__ import annotations
@@ -10,24 +11,41 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-from dsv3 import STAGE_ORDER
+from dsv3 import config
 from dsv3.errors import InputError
 from dsv3.store.stage import Stage
 
-EXTRA: dict[str, Stage] = {}  # stages declared outside dsv3/stages/ (a test's toy stage), by name
+REGISTERED: dict[str, Stage] = {}  # stages declared outside dsv3/stages/ (register), by name
+
+
+def register(stage: Stage) -> None:
+    """Add a stage declared outside dsv3/stages/ (a plugin's, a test's): it runs after the built-in stages, on the
+    recipe's existing sections, and has no checks beyond finite losses. `unregister` takes it away."""
+    REGISTERED[stage.name] = stage
+    if stage.name not in config.REGISTERED:
+        config.REGISTERED.append(stage.name)
+
+
+def unregister(name: str) -> None:
+    REGISTERED.pop(name, None)
+    if name in config.REGISTERED:
+        config.REGISTERED.remove(name)
 
 
 def available_stages() -> list[str]:
-    """The stages of STAGE_ORDER that are built, in order."""
-    return [name for name in STAGE_ORDER if name in EXTRA or importlib.util.find_spec(f"dsv3.stages.{name}") is not None]
+    """The stages a recipe may name that are built, in order."""
+    return [
+        name for name in config.stage_order()
+        if name in REGISTERED or importlib.util.find_spec(f"dsv3.stages.{name}") is not None
+    ]  # fmt: skip
 
 
 def get_stage(name: str) -> Stage:
     """The declaration of stage `name`."""
-    if name in EXTRA:
-        return EXTRA[name]
-    if name not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
+    if name in REGISTERED:
+        return REGISTERED[name]
+    if name not in config.STAGE_ORDER:
+        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(config.stage_order())})")
     if name not in available_stages():
         raise ValueError(f"stage {name!r} is not built yet (built: {', '.join(available_stages())})")
     return importlib.import_module(f"dsv3.stages.{name}").STAGE
