@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +198,7 @@ def train_and_measure(recipe: CopyProbeRecipe, workdir: Path, logger_factory, lo
     )  # fmt: skip
     for k in range(1, p.checkpoints + 1):
         result = fit(
-            replace(settings, steps=k * segment), config, copy_only if k <= p.copy_only_segments else train, val, workdir / "pretrain", seed, token_bytes,
+            settings.model_copy(update={"steps": k * segment}), config, copy_only if k <= p.copy_only_segments else train, val, workdir / "pretrain", seed, token_bytes,
             workdir / "pretrain" / "model", workdir / "vocab", logger=logger_factory() if logger_factory else False,
         )
         training.append({"step": k * segment, **measure(result.model, recipe, p.seq_len)})
