@@ -339,3 +339,16 @@ def test_post_training_pins_memory_only_for_an_accelerator(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(iter(loader))
+
+
+def test_the_store_imports_no_stage_and_nothing_in_dsv3_imports_flows():
+    """docs/design.md, "Layers": the store runs the declarations it is handed."""
+    probe = (
+        "import sys, pkgutil, importlib, dsv3.store\n"
+        "for m in pkgutil.iter_modules(dsv3.store.__path__): importlib.import_module(f'dsv3.store.{m.name}')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dsv3.stages', 'flows'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=RECIPES.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    sources = list((RECIPES.parent / "dsv3").rglob("*.py"))
+    assert not [p for p in sources if "from flows" in p.read_text() or "import flows" in p.read_text()]

@@ -45,6 +45,7 @@ from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.rope import yarn_config
 from dsv3.store import Stage, StageData, StageResult, metric
 from dsv3.store.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.store.keyed import key_of, reuse_or_compute
 from dsv3.store.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import LoopSettings, fit
@@ -263,22 +264,26 @@ def cached_evaluation(
     recipe: Recipe,
 ) -> dict:
     """Passkey accuracy per (length, depth), perplexity per length and in-context copying (dsv3.eval.induction)
-    of `model`, kept in `path` across resumes."""
-    if path.is_file():
-        return json.loads(path.read_text())
+    of `model`, kept in `path` across resumes under the key of the evaluation's settings (dsv3.store.keyed: a
+    resume after a fix to the extend section measures again what that fix changed)."""
     ext = recipe.extend
-    accuracy = evaluate_passkey(
-        model, task, passkey_lengths(recipe), ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
-    )
-    result = {
-        "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
-        "perplexity": {
-            str(k): v for k, v in perplexity_by_length(model, ppl_rows, ext.eval_batch_size).items()
-        },
-        "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
-    }
-    write_json_atomic(path, result)
-    return result
+    settings = ext.model_dump(
+        mode="json", include={"passkey_digits", "passkey_depths", "passkey_trials", "perplexity_lengths", "perplexity_tokens", "eval_batch_size"}
+    ) | {"measured": path.name, "passkey_lengths": passkey_lengths(recipe)}
+
+    def evaluate() -> dict:
+        accuracy = evaluate_passkey(
+            model, task, passkey_lengths(recipe), ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
+        )
+        return {
+            "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
+            "perplexity": {
+                str(k): v for k, v in perplexity_by_length(model, ppl_rows, ext.eval_batch_size).items()
+            },
+            "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
+        }
+
+    return reuse_or_compute(path, key_of(settings), evaluate)
 
 
 def stage_result(
