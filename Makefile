@@ -12,11 +12,12 @@ MODEL   ?= $(RUNS)/$(basename $(notdir $(RECIPE)))/latest/sft/model
 LIMIT   ?=
 DSV3    := $(BIN)/dsv3
 export PREFECT_HOME ?= $(abspath $(RUNS))/prefect
-STAGES  := tokenizer pretrain extend sft reward rl
 LOCK    := requirements.lock
 TORCH   ?= $(shell grep -E '^torch==' $(LOCK))
 # gpu-check's python: the venv's, else the machine's own (a lent GPU machine has torch but no venv)
 PY      ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+# the stages, in order, from the recipe schema (dsv3.config.STAGE_ORDER: pydantic and yaml, no torch); none before setup
+STAGES  := $(shell $(PY) -c 'from dsv3.config import STAGE_ORDER; print(*STAGE_ORDER)' 2>/dev/null)
 
 # Ctrl-C (or SIGTERM) in `make ui` / `make serve`: stop the servers started in the background ($$pids: they ignore
 # SIGINT, as background jobs of a script do), wait for them, exit 130 (143).

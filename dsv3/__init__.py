@@ -1,4 +1,3 @@
 """dsv3: the DeepSeek-V3 training recipe as runnable software."""
 
 __version__ = "0.1.0"
-STAGE_ORDER = ("tokenizer", "pretrain", "extend", "sft", "reward", "rl")  # the pipeline's stages, in order

@@ -298,7 +298,7 @@ def _report(args: argparse.Namespace) -> None:
 def _runs(args: argparse.Namespace) -> None:
     from dsv3.mlstore import relocate_store
     from dsv3.stages import headline
-    from dsv3.stages.runs import list_runs
+    from dsv3.store.runs import list_runs
 
     relocate_store(args.runs_dir)  # a copied runs folder: MLflow (`make ui`) shows its own artifacts from now on
     found = list_runs(args.runs_dir)
@@ -322,7 +322,7 @@ def _runs(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from dsv3.html_page import markdown_to_html
     from dsv3.report import compare_curves_and_links, compare_markdown
-    from dsv3.stages.runs import resolve_run, view
+    from dsv3.store.runs import resolve_run, view
 
     a, b = (view(resolve_run(spec, args.runs_dir)) for spec in (args.a, args.b))
     print(compare_markdown(a, b, plain=True))

@@ -13,12 +13,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from dsv3 import STAGE_ORDER
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 if TYPE_CHECKING:
     from dsv3.model import DSV3Config
@@ -504,38 +502,72 @@ class RlChecks(Section):
     )
 
 
-class ChecksSection(Section):
-    """Health checks a stage must pass to count as completed (dsv3.stages.health). Every stage also needs finite
-    losses. Not part of any stage's key: changing a threshold re-judges a finished stage without rerunning it."""
+class StageSchema(NamedTuple):
+    """What a recipe says about one stage: its own section and the thresholds of its health checks."""
 
+    section: type[Section]
+    checks: type[Section]
+    on_by_default: bool = False  # the section is there unless the recipe sets it null (else null until it is set)
+
+
+# The stages' recipe schema, in pipeline order: the one list of stages, kept here (pydantic and yaml only) so that
+# reading a recipe or `dsv3 --help` imports no stage module (they import torch). Everything else about a stage —
+# its sections, inputs, outputs, how its checks are measured, headline metrics and run — its module declares
+# (`STAGE = Stage(...)` in dsv3/stages/<name>.py; docs/design.md, "Stages").
+STAGES: dict[str, StageSchema] = {
+    "tokenizer": StageSchema(TokenizerSection, TokenizerChecks, on_by_default=True),
+    "pretrain": StageSchema(PretrainSection, PretrainChecks),
+    "extend": StageSchema(ExtendSection, ExtendChecks),
+    "sft": StageSchema(SftSection, SftChecks),
+    "reward": StageSchema(RewardSection, RewardChecks),
+    "rl": StageSchema(RlSection, RlChecks),
+}
+STAGE_ORDER = tuple(STAGES)
+REGISTERED: list[str] = []  # stages declared outside dsv3/stages/ (dsv3.stages.register), after the built-in ones
+
+
+def stage_order() -> tuple[str, ...]:
+    """Every stage a recipe may name, in order: STAGE_ORDER, then the registered ones."""
+    return STAGE_ORDER + tuple(REGISTERED)
+
+
+class ChecksBase(Section):
     enforce: bool = Field(
         True, description="false: a failed check is recorded and shown everywhere, and the pipeline goes on"
     )
-    tokenizer: TokenizerChecks = Field(default_factory=TokenizerChecks)
-    pretrain: PretrainChecks = Field(default_factory=PretrainChecks)
-    extend: ExtendChecks = Field(default_factory=ExtendChecks)
-    sft: SftChecks = Field(default_factory=SftChecks)
-    reward: RewardChecks = Field(default_factory=RewardChecks)
-    rl: RlChecks = Field(default_factory=RlChecks)
+
+
+ChecksSection = create_model(
+    "ChecksSection",
+    __base__=ChecksBase,
+    __doc__="""Health checks a stage must pass to count as completed (dsv3.store.health): checks.<stage> of each
+    stage of STAGES. Every stage also needs finite losses. Not part of any stage's key: changing a threshold re-judges
+    a finished stage without rerunning it.""",
+    **{name: (schema.checks, Field(default_factory=schema.checks)) for name, schema in STAGES.items()},
+)
 
 
 class PipelineSection(Section):
     """How the Prefect flow runs the stages."""
 
-    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: ["tokenizer"])  # type: ignore[valid-type]
+    stages: list[str] = Field(default_factory=lambda: ["tokenizer"], description="the stages to run, in order")
     retries: int = Field(0, ge=0, le=10, description="Prefect task retries per stage")
     retry_delay_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _stages_in_recipe_order(self) -> PipelineSection:
-        order = [STAGE_ORDER.index(s) for s in self.stages]
-        if order != sorted(set(order)):
-            raise ValueError(f"pipeline.stages: must be distinct and in the order {', '.join(STAGE_ORDER)}")
+        order = stage_order()
+        unknown = [s for s in self.stages if s not in order]
+        if unknown:
+            raise ValueError(f"pipeline.stages: {unknown[0]} is not a stage (stages: {', '.join(order)})")
+        indices = [order.index(s) for s in self.stages]
+        if indices != sorted(set(indices)):
+            raise ValueError(f"pipeline.stages: must be distinct and in the order {', '.join(order)}")
         return self
 
 
-class Recipe(Section):
-    """A whole recipe: a name (the run folder under runs/), a seed, and one section per stage."""
+class RecipeBase(Section):
+    """What a recipe holds besides the stages' own sections (Recipe adds those from STAGES)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="letters, digits, _ . -")
     variant: str | None = Field(
@@ -548,27 +580,22 @@ class Recipe(Section):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     checks: ChecksSection = Field(default_factory=ChecksSection)
     data: DataSection = Field(default_factory=DataSection)
-    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     model: ModelSection | None = None
-    pretrain: PretrainSection | None = None
-    extend: ExtendSection | None = None
-    sft: SftSection | None = None
-    reward: RewardSection | None = None
-    rl: RlSection | None = None
 
     @model_validator(mode="after")
-    def _fits_the_processes(self) -> Recipe:
+    def _fits_the_processes(self) -> RecipeBase:
         """The routed experts split evenly over expert_parallel ranks; every extension phase (it runs on the
         pretraining's processes and strategy) splits its batch evenly over them."""
-        if not self.pretrain:
+        pretrain, extend = getattr(self, "pretrain", None), getattr(self, "extend", None)  # Recipe's, from STAGES
+        if not pretrain:
             return self
-        if self.model and self.model.n_routed_experts % self.pretrain.expert_parallel:
+        if self.model and self.model.n_routed_experts % pretrain.expert_parallel:
             raise ValueError(
-                f"pretrain.expert_parallel: {self.pretrain.expert_parallel} must divide model.n_routed_experts "
+                f"pretrain.expert_parallel: {pretrain.expert_parallel} must divide model.n_routed_experts "
                 f"({self.model.n_routed_experts})"
             )
-        ranks = self.pretrain.devices * self.pretrain.num_nodes
-        for i, phase in enumerate(self.extend.phases if self.extend else [], start=1):
+        ranks = pretrain.devices * pretrain.num_nodes
+        for i, phase in enumerate(extend.phases if extend else [], start=1):
             if phase.global_batch_size % (phase.micro_batch_size * ranks):
                 raise ValueError(
                     f"extend.phases: phase {i}'s global_batch_size ({phase.global_batch_size}) must be a multiple of "
@@ -582,6 +609,17 @@ class Recipe(Section):
         is matched on."""
         payload = {"seed": self.seed, **{n: without_hardware(n, _dump(getattr(self, n))) for n in names}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+Recipe = create_model(
+    "Recipe",
+    __base__=RecipeBase,
+    __doc__="A whole recipe: a name (the run folder under runs/), a seed, the shared sections and one section per stage.",
+    **{
+        name: (schema.section, Field(default_factory=schema.section)) if schema.on_by_default else (schema.section | None, None)
+        for name, schema in STAGES.items()
+    },
+)
 
 
 # Settings that decide where and how a run computes, not what it computes (the same global batch, the same loss up
@@ -620,7 +658,7 @@ def _dump(section: Any) -> Any:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), variant: str | None = None) -> Recipe:
     """Read a recipe file (following `base:` chains), apply `key=value` overrides and validate it; `variant` names
-    the run's folder (else the overrides do, see dsv3.stages.runs)."""
+    the run's folder (else the overrides do, see dsv3.store.runs)."""
     raw = _read_with_bases(Path(path), seen=())
     for item in overrides:
         _apply_override(raw, item)
@@ -717,13 +755,28 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _one_line(err: ValidationError) -> str:
+def load_yaml_model(path: str | Path, schema: type[BaseModel], hint: str) -> Any:
+    """A YAML file validated against `schema` (a recipe-like file of another shape: a probe's); RecipeError with one
+    line naming the key. `hint` says what file to pass when it is missing."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return schema.model_validate(raw)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path} ({hint})") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path.name}: not valid YAML: {err}") from None
+    except ValidationError as err:
+        raise RecipeError(f"{path.name}: {_one_line(err, schema)}") from None
+
+
+def _one_line(err: ValidationError, schema: type[BaseModel] | None = None) -> str:
     """The first validation error as `dotted.key: what is allowed (got value)`."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(first["loc"][:-1])
+        allowed = _allowed_keys(first["loc"][:-1], schema or Recipe)
         return f"{loc}: unknown key (allowed: {', '.join(allowed)})"
     if kind == "missing":
         return f"{loc}: required key is missing"
@@ -735,8 +788,7 @@ def _one_line(err: ValidationError) -> str:
     return f"{loc or 'recipe'}: {msg}{shown}"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Recipe
+def _allowed_keys(loc: tuple[Any, ...], model: Any) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         if field is None:

@@ -32,8 +32,8 @@ from dsv3.html_page import IMAGE_TYPES, markdown_to_html
 from dsv3.io import write_text_atomic
 from dsv3.model import DSV3Config, count_parameters
 from dsv3.stages import available_stages, get_stage, headline
-from dsv3.stages.manifest import MANIFEST_NAME, Manifest, read_manifest
-from dsv3.stages.runs import RunView, read_run_info, recipe_differences, resolve_run
+from dsv3.store.manifest import MANIFEST_NAME, Manifest, read_manifest
+from dsv3.store.runs import RunView, read_run_info, recipe_differences, resolve_run
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -347,7 +347,7 @@ def _stage_section(view: StageView, run_dir: Path, link_plots: bool) -> list[str
         lines += ["### Metrics", "", "| metric | value |", "|---|--:|"]
         lines += [f"| {_md(name)} | {_value(value)} |" for name, value in metrics.items()]
         lines.append("")
-        note = getattr(get_stage(view.name), "METRICS_NOTE", "") if view.built else ""
+        note = get_stage(view.name).note if view.built else ""
         lines += [_md(note), ""] if note else []
     lines += _lm_eval_section(run_dir / view.name)
     if m.artifacts:

@@ -21,7 +21,7 @@ from pathlib import Path
 from dsv3.config import STAGE_ORDER
 from dsv3.io import write_text_atomic
 from dsv3.stages import headline
-from dsv3.stages.manifest import read_manifest
+from dsv3.store.manifest import read_manifest
 
 SEEDS_MD = "seeds.md"
 SEEDS_HTML = "seeds.html"

@@ -9,7 +9,7 @@ of an ablation must differ in exactly its switch. Each arm runs with `seeds` see
 s0+1, ... as `--set seed=<s>` variants (runs/<recipe>/seed=<s>-<digest>/) — seed by seed, so an interrupted flow
 leaves whole pairs. Each (arm, seed) runs its recipe's stages through the manifest runner inside Prefect tasks, so a
 rerun reuses what finished: a stage whose key another arm or an earlier flow already finished (same recipe sections,
-seed, inputs and code) is reused from the stage store (dsv3.stages.runs) — mtp-on (loss-free but for the name) reuses
+seed, inputs and code) is reused from the stage store (dsv3.store.runs) — mtp-on (loss-free but for the name) reuses
 loss-free's pretraining, and `--seeds 5` after `--seeds 3` trains only the two new seeds.
 
 MLflow, one experiment (`dsv3-ablations`): a run `ablations` per flow run (param seeds); under it one run per arm,
@@ -51,9 +51,9 @@ from dsv3.config import Recipe, flatten, load_recipe
 from dsv3.errors import StageFailed
 from dsv3.html_page import markdown_to_html
 from dsv3.stages import pretrain
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import code_version
-from dsv3.stages.runs import record_run, run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runner import code_version
+from dsv3.store.runs import record_run, run_root
 from dsv3.tracking import PARENT_TAG, Tracker
 from flows.pipeline import retry_crashes_only, run_and_publish
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dsv3 import STAGE_ORDER
 from dsv3.cli import add_runs_dir_option, add_set_option, exit_with, flow_runs_dir, runs_folder
 from dsv3.cli import main as dsv3_main
+from dsv3.config import STAGE_ORDER
 from dsv3.errors import Failure
 
 
@@ -118,7 +118,7 @@ def add_flow_commands(sub) -> None:
 @contextmanager
 def orchestrated(runs_dir: Path, command: str) -> Iterator[None]:
     """The runs folder's lock, then Prefect's API server, for as long as a flow runs."""
-    from dsv3.stages.lock import runs_lock
+    from dsv3.store.lock import runs_lock
     from flows.runtime import prefect_api
 
     with runs_lock(runs_dir, command), prefect_api(runs_dir):

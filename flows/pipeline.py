@@ -43,11 +43,11 @@ from prefect.utilities.annotations import quote
 from dsv3.config import STAGE_ORDER, Recipe, flatten, load_recipe
 from dsv3.errors import StageFailed, classify
 from dsv3.report import report_markdown, write_report
-from dsv3.stages import get_stage, headline, stage_inputs
-from dsv3.stages.lock import runs_lock
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import code_version, run_stage
-from dsv3.stages.runs import recipe_digest, record_run, run_root, variant_name
+from dsv3.stages import get_stage, headline, run_stage
+from dsv3.store.lock import runs_lock
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runner import code_version
+from dsv3.store.runs import recipe_digest, record_run, run_root, variant_name
 from dsv3.tracking import GIT_COMMIT_TAG, PARENT_TAG, Tracker
 
 RECIPE_ARTIFACT = "recipe.yaml"  # the resolved recipe, an artifact of the parent run
@@ -225,7 +225,7 @@ def run_stages(recipe: Recipe, stages: list[str], runs_dir: str, tracker: Tracke
         # The graph's edges are the stages' inputs (wait_for); the arguments are quoted, because Prefect otherwise
         # draws an edge from any earlier task whose result holds the same object (the parent run id every stage
         # returns, or a recycled id())
-        upstream = [states[name] for name in stage_inputs(get_stage(stage), recipe) if name in states]
+        upstream = [states[name] for name in get_stage(stage).upstream(recipe) if name in states]
         arguments = (stage, recipe.model_dump(mode="json"), str(runs_dir), tracker.parent_id)
         state = task_with_options(*map(quote, arguments), wait_for=upstream, return_state=True)
         states[stage] = state

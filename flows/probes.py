@@ -25,7 +25,7 @@ from dsv3.config import flatten, load_recipe
 from dsv3.html_page import markdown_to_html
 from dsv3.probes import copy as copy_probe
 from dsv3.probes import grpo as grpo_probe
-from dsv3.stages.runner import code_version
+from dsv3.store.runner import code_version
 from dsv3.tracking import PARENT_TAG, Tracker
 from flows.pipeline import pipeline
 

@@ -25,8 +25,8 @@ from prefect.states import Failed
 
 from dsv3.config import load_recipe
 from dsv3.seeds_report import metric_rows, read_seed_run, rl_gain, write_seeds_report
-from dsv3.stages.lock import runs_lock
-from dsv3.stages.runs import run_root, variant_name
+from dsv3.store.lock import runs_lock
+from dsv3.store.runs import run_root, variant_name
 from dsv3.tracking import Tracker
 from flows.pipeline import flow_run_name, pipeline, stages_to_run
 

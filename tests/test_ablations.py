@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from dsv3.ablation_report import ABLATIONS, ARMS, recipe_differences
 from dsv3.config import flatten, load_recipe
 from dsv3.fp8 import fp8_scaling
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.ablations import EXPERIMENT, ablations, arm_seeds, load_arms, seed_variant, select_ablations
 from tests.conftest import RECIPES

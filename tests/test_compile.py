@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from dsv3.config import load_recipe
 from dsv3.model import DSV3ForCausalLM
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
 from dsv3.train.compile import compile_blocks, compiled_blocks
 from dsv3.train.fit import deterministic_algorithms
 from tests.conftest import RECIPES

@@ -26,10 +26,10 @@ from dsv3.data.tokenizer import load_tokenizer
 from dsv3.eval.perplexity import row_nlls
 from dsv3.model import DSV3ForCausalLM
 from dsv3.report import _md, write_report
+from dsv3.stages import run_stage
 from dsv3.stages.extend import METRICS_NOTE, extended_config, perplexity_rows
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from dsv3.train.data import validation_subset
 from tests.conftest import RECIPES, REPO
 from tests.toy_model import toy_config
@@ -37,7 +37,7 @@ from tests.toy_model import toy_config
 KILLABLE_RUN = """
 import sys
 from dsv3.config import load_recipe
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
 recipe = load_recipe(sys.argv[1], sys.argv[3:])
 for stage in ("tokenizer", "pretrain", "extend"):
     run_stage(stage, recipe, sys.argv[2])

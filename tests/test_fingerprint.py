@@ -1,9 +1,9 @@
-"""dsv3/stages/fingerprint.py: a content hash of local files that changes when a byte does, cached by stat."""
+"""dsv3/store/fingerprint.py: a content hash of local files that changes when a byte does, cached by stat."""
 
 import os
 
-from dsv3.stages import fingerprint
-from dsv3.stages.fingerprint import content_hash
+from dsv3.store import fingerprint
+from dsv3.store.fingerprint import content_hash
 
 
 def test_content_hash_follows_content_and_is_cached(tmp_path, monkeypatch):

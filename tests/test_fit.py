@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dsv3.config import load_recipe
-from dsv3.stages.manifest import sha256_path
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
+from dsv3.store.manifest import sha256_path
 from tests.conftest import RECIPES
 
 

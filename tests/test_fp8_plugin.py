@@ -11,8 +11,8 @@ import torch
 from dsv3.config import load_recipe
 from dsv3.fp8 import FP8BlockwisePrecision, fp8_modules
 from dsv3.model import DSV3ForCausalLM
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.stages import run_stage
+from dsv3.store.runs import run_root
 from tests.conftest import RECIPES
 from tests.test_fp8_convert import expected_fp8_names
 from tests.test_model import tiny_model

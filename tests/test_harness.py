@@ -12,7 +12,7 @@ from dsv3.data import CHAT_TEMPLATE, save_tokenizer, train_tokenizer
 from dsv3.eval.harness import TASKS, hf_folder
 from dsv3.model import DSV3ForCausalLM
 from dsv3.model.hf import export_hf
-from dsv3.stages.manifest import Manifest, StageKey, write_manifest
+from dsv3.store.manifest import Manifest, StageKey, write_manifest
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES
 from tests.toy_model import toy_config

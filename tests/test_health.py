@@ -1,12 +1,18 @@
-"""dsv3/stages/health.py: each stage's checks judged from its metrics against the recipe's thresholds."""
+"""dsv3/store/health.py: each stage's checks judged from its metrics against the recipe's thresholds."""
 
 import math
 
 from dsv3.config import load_recipe
-from dsv3.stages.health import count_nonfinite, judge
+from dsv3.stages import get_stage
+from dsv3.store.health import count_nonfinite
+from dsv3.store.health import judge as judge_declared
 from tests.conftest import RECIPES
 
 TINY = load_recipe(RECIPES / "tiny.yaml")
+
+
+def judge(stage: str, metrics, checks):
+    return judge_declared(get_stage(stage), metrics, checks)
 
 
 def verdicts(stage, metrics, checks=TINY.checks):

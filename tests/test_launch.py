@@ -16,18 +16,19 @@ import pytest
 
 from dsv3.config import load_recipe
 from dsv3.errors import InputError
+from dsv3.stages import run_stage
 from dsv3.stages.pretrain import RESULT, train_rank
-from dsv3.stages.runner import run_stage
 from dsv3.train.checkpoints import LAST
-from dsv3.train.launch import PRETRAIN_ENTRY, launch_torchrun, torchrun_command
+from dsv3.train.launch import launch_torchrun, torchrun_command
 from dsv3.train.sharded import is_sharded, sharded_step
 from tests.conftest import RECIPES
 
+ENTRY = "dsv3.stages.pretrain:train_rank"
 FILES = dict(recipe_file=Path("r.yaml"), workdir=Path("w"), inputs={"tokenizer": Path("t")}, failure_file=Path("f"))
 
 
 def test_one_node_is_standalone():
-    command = torchrun_command(8, 1, PRETRAIN_ENTRY, **FILES)
+    command = torchrun_command(8, 1, ENTRY, **FILES)
     assert command[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=8", "--standalone", "--nnodes=1"]
     assert command[-8:] == ["--recipe", "r.yaml", "--workdir", "w", "--input", "tokenizer=t", "--failure-file", "f"]
 
@@ -36,9 +37,9 @@ def test_several_nodes_meet_at_the_master_each_with_its_rank(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("NODE_RANK", "0")
-    here = torchrun_command(8, 4, PRETRAIN_ENTRY, **FILES)
+    here = torchrun_command(8, 4, ENTRY, **FILES)
     assert {"--nnodes=4", "--node-rank=0", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500"} <= set(here)
-    other = torchrun_command(8, 4, PRETRAIN_ENTRY, **FILES, node_rank="$NODE_RANK")
+    other = torchrun_command(8, 4, ENTRY, **FILES, node_rank="$NODE_RANK")
     assert [a for a in other if a.startswith("--node-rank")] == ["--node-rank=$NODE_RANK"]
 
 
@@ -46,12 +47,12 @@ def test_several_nodes_without_a_master_is_one_line_naming_what_is_missing(monke
     for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(InputError, match="pretrain.num_nodes=2 needs MASTER_ADDR, MASTER_PORT, NODE_RANK"):
-        torchrun_command(8, 2, PRETRAIN_ENTRY, **FILES)
+        torchrun_command(8, 2, ENTRY, **FILES)
 
 
 def test_max_restarts_is_passed_to_torchrun():
-    assert "--max-restarts=3" in torchrun_command(2, 1, PRETRAIN_ENTRY, **FILES, max_restarts=3)
-    assert not any(a.startswith("--max-restarts") for a in torchrun_command(2, 1, PRETRAIN_ENTRY, **FILES))
+    assert "--max-restarts=3" in torchrun_command(2, 1, ENTRY, **FILES, max_restarts=3)
+    assert not any(a.startswith("--max-restarts") for a in torchrun_command(2, 1, ENTRY, **FILES))
 
 
 RESTART_TOLERANCE = 1e-5  # 2 FSDP ranks, restarted, vs one process: float reassociation only (as test_strategy.py)
@@ -68,7 +69,7 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes_from_the_las
                                                    "pretrain.expert_parallel=2", "pretrain.max_restarts=1"])  # fmt: skip
     folder, failed = tmp_path / "two", []
     folder.mkdir()
-    job = threading.Thread(target=lambda: failed.extend(_raised(launch_torchrun, sharded, folder, inputs, 2, 1)))
+    job = threading.Thread(target=lambda: failed.extend(_raised(launch_torchrun, sharded, folder, inputs, 2, 1, train_rank)))
     job.start()
     deadline = time.time() + 60  # the agent starts with this process's environment as it is now, not as training here sets it
     while job.is_alive() and not any("torch.distributed.run" in cmdline(p) for p in psutil.Process().children()) and time.time() < deadline:

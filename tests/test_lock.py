@@ -1,4 +1,4 @@
-"""dsv3/stages/lock.py: one run per runs folder; the second is refused naming the holder; a killed holder's lock
+"""dsv3/store/lock.py: one run per runs folder; the second is refused naming the holder; a killed holder's lock
 is recovered at once."""
 
 import os
@@ -10,14 +10,14 @@ import time
 import pytest
 
 from dsv3.errors import InputError
-from dsv3.stages.lock import runs_lock
+from dsv3.store.lock import runs_lock
 from tests.conftest import REPO
 
 HOLD = """
 import importlib.util, sys, time
 from pathlib import Path
-# dsv3/stages/lock.py itself, without the dsv3.stages package, whose __init__ imports the model (torch: ~6 s a process)
-spec = importlib.util.spec_from_file_location("lock", Path(sys.argv[2]) / "dsv3" / "stages" / "lock.py")
+# dsv3/store/lock.py itself, by its path: the holder imports nothing else
+spec = importlib.util.spec_from_file_location("lock", Path(sys.argv[2]) / "dsv3" / "store" / "lock.py")
 lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lock)
 runs_lock = lock.runs_lock

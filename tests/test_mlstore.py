@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from dsv3.cli import main
 from dsv3.config import load_recipe
 from dsv3.mlstore import relocate_store
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.stages import run_stage
+from dsv3.store.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline
 from tests.conftest import RECIPES

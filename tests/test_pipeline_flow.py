@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from dsv3.cli import main
 from dsv3.config import flatten, load_recipe
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import code_version
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runner import code_version
+from dsv3.store.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline, stages_to_run
 from flows.runtime import prefect_api
@@ -83,7 +83,7 @@ def test_the_launch_form_offers_the_stages_and_a_served_run_accepts_them():
     from prefect.exceptions import ParameterTypeError
     from prefect.utilities.callables import parameter_schema
 
-    from dsv3 import STAGE_ORDER
+    from dsv3.config import STAGE_ORDER
 
     until = parameter_schema(pipeline).model_dump()["properties"]["until"]
     assert {"enum": list(STAGE_ORDER), "type": "string"} in until["anyOf"] and until["default"] is None

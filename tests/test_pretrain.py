@@ -16,10 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dsv3.config import load_recipe
-from dsv3.stages.manifest import read_manifest
+from dsv3.stages import run_stage
 from dsv3.stages.pretrain import RESULT
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import Tracker
 from dsv3.train.checkpoints import LAST
 from dsv3.train.module import CausalLMTraining
@@ -29,7 +29,7 @@ from tests.conftest import RECIPES, REPO, pickle_bomb
 KILLABLE_RUN = """
 import sys
 from dsv3.config import load_recipe
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
 recipe = load_recipe(sys.argv[1], sys.argv[3:])
 run_stage("tokenizer", recipe, sys.argv[2])
 run_stage("pretrain", recipe, sys.argv[2])

@@ -14,10 +14,9 @@ from dsv3.cli import main
 from dsv3.config import STAGE_ORDER, load_recipe
 from dsv3.plotting import plt
 from dsv3.report import REPORT_HTML, REPORT_MD, token_counts, write_report
-from dsv3.stages import headline
-from dsv3.stages.manifest import Manifest, StageKey, write_manifest
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import record_run, run_root
+from dsv3.stages import headline, run_stage
+from dsv3.store.manifest import Manifest, StageKey, write_manifest
+from dsv3.store.runs import record_run, run_root
 from tests.conftest import RECIPES
 
 KEY = StageKey("recipe", {}, "code")
@@ -166,7 +165,7 @@ def test_cli_report_help_answers(capsys):
 def test_compare_prints_plain_text_and_writes_escaped_markdown(tmp_path):
     """The terminal gets `[0.1, 0.5]`, not markdown's `\\[0.1, 0.5\\]`; the HTML page's markdown stays escaped."""
     from dsv3.report import compare_markdown
-    from dsv3.stages.runs import RunView
+    from dsv3.store.runs import RunView
 
     a = RunView(tmp_path / "smoke" / "a", {"resolved": {"data": {"weights": [0.1, 0.5]}}}, {})
     b = RunView(tmp_path / "smoke" / "b_1", {"resolved": {"data": {"weights": [0.2, 0.5]}}}, {})
@@ -181,7 +180,7 @@ def test_compare_html_overlays_both_runs_losses_and_links_their_mlflow_runs(tmp_
     import dsv3.train.plots as plots
     from dsv3.html_page import markdown_to_html
     from dsv3.report import compare_curves_and_links
-    from dsv3.stages.runs import RunView
+    from dsv3.store.runs import RunView
     from dsv3.tracking import Tracker
 
     monkeypatch.delenv("DSV3_MLFLOW_UI", raising=False)

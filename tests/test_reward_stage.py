@@ -21,19 +21,18 @@ from dsv3.data.math_tasks import generate_problems, is_well_formed
 from dsv3.data.tokenizer import save_tokenizer, train_tokenizer
 from dsv3.eval.accuracy import answer_is_correct
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
-from dsv3.stages import reward
-from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
+from dsv3.stages import reward, run_stage
 from dsv3.stages.post_training import last_checkpoint
 from dsv3.stages.pretrain import model_config
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES, REPO
 
 KILLABLE_RUN = """
 import sys
 from dsv3.config import load_recipe
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
 run_stage(sys.argv[1], load_recipe(sys.argv[2], sys.argv[4:]), sys.argv[3])
 """
 

@@ -11,10 +11,9 @@ from transformers import AutoTokenizer
 
 from dsv3.config import RecipeError
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
-from dsv3.stages import rl
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.stages import rl, run_stage
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import Tracker
 from tests.test_reward_stage import fake_stage, kill_after_checkpoint, sft_model, smoke  # noqa: F401
 

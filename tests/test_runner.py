@@ -10,25 +10,27 @@ import subprocess
 import sys
 import textwrap
 import types
+from dataclasses import replace
 
 import pytest
 
+import dsv3.stages
 from dsv3.config import load_recipe
 from dsv3.errors import StageFailed, TrainingDiverged
-from dsv3.stages import StageResult, get_stage
-from dsv3.stages import runner as runner_module
-from dsv3.stages.manifest import MANIFEST_NAME, read_manifest
-from dsv3.stages.runner import STAGE_LOG, StageInputError, run_stage
-from dsv3.stages.runs import run_root
+from dsv3.stages import get_stage, run_stage
+from dsv3.store import Stage, StageResult
+from dsv3.store import runner as runner_module
+from dsv3.store.manifest import MANIFEST_NAME, read_manifest
+from dsv3.store.runner import STAGE_LOG, StageInputError
+from dsv3.store.runs import run_root
 from tests.conftest import RECIPES
 
 COUNTING_STAGE = textwrap.dedent(
     '''
     """A stage of N steps that checkpoints after each step and can be told to die part-way."""
     import json, os, signal
-    from dsv3.stages import StageResult
+    from dsv3.store import Stage, StageResult, metric
     SECTIONS = ("data",)
-    INPUTS = ()
     CALLS = []
 
     def run(recipe, workdir, inputs):
@@ -49,6 +51,8 @@ COUNTING_STAGE = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         (workdir / "result.txt").write_text(str(state["total"]))
         return StageResult(outputs=["result.txt"], metrics={"total": state["total"], "resumed_at": state["resumed_at"] or 0})
+
+    STAGE = Stage(name="tokenizer", run=run, sections=SECTIONS, checks={"min_bytes_per_token": metric("bytes_per_token_validation")})
     '''
 )
 
@@ -62,10 +66,19 @@ def _stage_module(tmp_path):
     return module
 
 
+def declared(module) -> Stage:
+    """The counting module as the tokenizer stage, read afresh at each call (a test edits its run, sections and data
+    files); its run a lambda of this file, so that the key's code stays the same when a test swaps the run."""
+    return replace(
+        module.STAGE, run=lambda *a: module.run(*a), sections=module.SECTIONS, tunable=getattr(module, "TUNABLE", ()),
+        data_files=getattr(module, "data_files", None),
+    )
+
+
 @pytest.fixture
 def stage(tmp_path, monkeypatch):
     module = _stage_module(tmp_path)
-    monkeypatch.setattr(runner_module, "get_stage", lambda name: module)
+    monkeypatch.setattr(dsv3.stages, "get_stage", lambda name: declared(module))
     return module
 
 
@@ -114,9 +127,8 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path, runs_dir):
         sys.path.insert(0, {str(tmp_path)!r})
         import counting_stage
         from dsv3.config import load_recipe
-        from dsv3.stages import runner
-        runner.get_stage = lambda name: counting_stage
-        runner.run_stage("tokenizer", load_recipe({str(RECIPES / "smoke.yaml")!r}), {str(runs_dir)!r})
+        from dsv3.store import runner
+        runner.run_stage(counting_stage.STAGE, load_recipe({str(RECIPES / "smoke.yaml")!r}), {str(runs_dir)!r})
     """)
     )
     (tmp_path / "counting_stage.py").write_text(COUNTING_STAGE)
@@ -146,16 +158,9 @@ def test_failed_stage_is_marked_failed(stage, runs_dir, monkeypatch):
 
 def test_stage_without_its_input_is_refused(runs_dir):
     recipe = load_recipe(RECIPES / "smoke.yaml")
-    downstream = types.SimpleNamespace(
-        SECTIONS=("model",), INPUTS=("tokenizer",), run=lambda *a: StageResult([])
-    )
-    runner_module_get = runner_module.get_stage
-    try:
-        runner_module.get_stage = lambda name: downstream
-        with pytest.raises(StageInputError, match="needs the output of tokenizer"):
-            run_stage("pretrain", recipe, runs_dir)
-    finally:
-        runner_module.get_stage = runner_module_get
+    downstream = Stage(name="pretrain", run=lambda *a: StageResult([]), sections=("model",), inputs=("tokenizer",))
+    with pytest.raises(StageInputError, match="needs the output of tokenizer"):
+        runner_module.run_stage(downstream, recipe, runs_dir)
 
 
 def test_unknown_stage():
@@ -166,15 +171,15 @@ def test_unknown_stage():
 def test_stage_code_covers_the_library_it_uses():
     import dsv3.stages.pretrain as pretrain
     import dsv3.stages.tokenizer as tokenizer
-    from dsv3.stages.runner import stage_code_files
+    from dsv3.store.keyed import code_files
 
     def names(module):
-        return {f"{p.parent.name}/{p.name}" for p in stage_code_files(module)}
+        return {f"{p.parent.name}/{p.name}" for p in code_files(module)}
 
     assert {"stages/tokenizer.py", "data/tokenizer.py", "data/fim.py"} <= names(tokenizer)
     assert not any(n.startswith("model/") for n in names(tokenizer))
     assert {"stages/pretrain.py", "model/moe.py", "model/mtp.py", "train/schedules.py", "train/module.py"} <= names(pretrain)
-    assert "stages/tokenizer.py" not in names(pretrain) and "stages/runner.py" not in names(pretrain)
+    assert "stages/tokenizer.py" not in names(pretrain) and "store/runner.py" not in names(pretrain)
 
 
 # ------------------------------------------------------------------------------------ health checks, data, divergence
@@ -193,10 +198,9 @@ def test_failed_check_fails_the_stage_keeps_outputs_and_is_rejudged_not_rerun(st
     manifest = read_manifest(workdir)
     assert manifest.status == "failed" and manifest.failure["kind"] == "check"
     assert (workdir / "result.txt").is_file() and manifest.outputs  # kept for inspection
-    downstream = types.SimpleNamespace(SECTIONS=("model",), INPUTS=("tokenizer",))
-    monkeypatch.setattr(runner_module, "get_stage", lambda name: downstream if name == "pretrain" else stage)
+    downstream = Stage(name="pretrain", run=stage.run, sections=("model",), inputs=("tokenizer",))
     with pytest.raises(StageInputError, match="needs the output of tokenizer"):  # nothing after it runs
-        runner_module.stage_key("pretrain", recipe, run_root(runs_dir, recipe))
+        runner_module.stage_key(downstream, recipe, run_root(runs_dir, recipe))
 
     with pytest.raises(StageFailed):  # same recipe: the same verdict, without training again
         run_stage("tokenizer", recipe, runs_dir)
@@ -335,3 +339,16 @@ def test_post_training_pins_memory_only_for_an_accelerator(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(iter(loader))
+
+
+def test_the_store_imports_no_stage_and_nothing_in_dsv3_imports_flows():
+    """docs/design.md, "Layers": the store runs the declarations it is handed."""
+    probe = (
+        "import sys, pkgutil, importlib, dsv3.store\n"
+        "for m in pkgutil.iter_modules(dsv3.store.__path__): importlib.import_module(f'dsv3.store.{m.name}')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dsv3.stages', 'flows'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=RECIPES.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    sources = list((RECIPES.parent / "dsv3").rglob("*.py"))
+    assert not [p for p in sources if "from flows" in p.read_text() or "import flows" in p.read_text()]

@@ -1,4 +1,4 @@
-"""dsv3/stages/runs.py and `dsv3 runs` / `dsv3 compare`: variants of a recipe keep their own folders, share the
+"""dsv3/store/runs.py and `dsv3 runs` / `dsv3 compare`: variants of a recipe keep their own folders, share the
 stage folders they agree on (linked, not copied), `latest` follows the newest, and two runs compare side by side."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 from dsv3.cli import main
 from dsv3.config import load_recipe, without_hardware
 from dsv3.errors import InputError
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import (
+from dsv3.stages import run_stage
+from dsv3.store.runs import (
     LATEST,
     list_runs,
     recipe_differences,

@@ -3,8 +3,8 @@
 from mlflow.tracking import MlflowClient
 
 from dsv3.config import load_recipe
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import tracking_uri
 from flows.seeds import pipeline_over_seeds, seed_overrides, seeds_folder
 from tests.conftest import RECIPES

@@ -1,7 +1,7 @@
 import pytest
 
 from dsv3.seeds_report import read_seed_run, rl_gain, seeds_html, seeds_markdown, write_seeds_report
-from dsv3.stages.manifest import Manifest, StageKey, write_manifest
+from dsv3.store.manifest import Manifest, StageKey, write_manifest
 
 KEY = StageKey("r", {}, "c")
 

@@ -12,10 +12,9 @@ import time
 import httpx
 import pytest
 
-from dsv3 import STAGE_ORDER
-from dsv3.config import load_recipe
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runs import run_root
+from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from tests.conftest import RECIPES, REPO
 
 

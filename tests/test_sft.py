@@ -22,12 +22,11 @@ from dsv3.data.chat import CHAT_TEMPLATE, format_conversation
 from dsv3.data.math_tasks import generate_problems
 from dsv3.data.tokenizer import ASSISTANT, EOS, save_tokenizer, train_tokenizer
 from dsv3.model import DSV3ForCausalLM
-from dsv3.stages import sft
-from dsv3.stages.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
+from dsv3.stages import run_stage, sft
 from dsv3.stages.post_training import last_checkpoint, resume_checkpoint
 from dsv3.stages.pretrain import model_config
-from dsv3.stages.runner import run_stage
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import Manifest, StageKey, hash_outputs, read_manifest, write_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import Tracker
 from tests.conftest import RECIPES, REPO
 
@@ -42,7 +41,7 @@ CHAT = [
 KILLABLE_RUN = """
 import sys
 from dsv3.config import load_recipe
-from dsv3.stages.runner import run_stage
+from dsv3.stages import run_stage
 run_stage("sft", load_recipe(sys.argv[1], sys.argv[3:]), sys.argv[2])
 """
 
@@ -227,7 +226,8 @@ def test_sft_with_zero_learning_rate_fails_its_format_check_and_nothing_after_it
     """An SFT that learns nothing (LR 0) leaves the random model's answers: no \\boxed{}, cut at the limit. With the
     format check at its default the stage is failed with one line, its outputs kept, and reward cannot start."""
     from dsv3.errors import StageFailed
-    from dsv3.stages.runner import StageInputError, stage_key
+    from dsv3.stages import stage_key
+    from dsv3.store.runner import StageInputError
 
     overrides = ["pipeline.stages=[tokenizer,pretrain,sft,reward]", "sft.lr_peak=0", "sft.lr_final=0", "sft.epochs=1",
                  "checks.sft.min_format_rate=0.5"]  # fmt: skip

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from dsv3.config import load_recipe
+from dsv3.stages import run_stage
 from dsv3.stages.pretrain import RANKS, RESULT, train_rank
-from dsv3.stages.runner import run_stage
 from dsv3.train.checkpoints import LAST, PREVIOUS, resume_point
 from dsv3.train.launch import launch_torchrun, torchrun_command
 from dsv3.train.sharded import DCP_INDEX, is_sharded
@@ -107,7 +107,7 @@ def test_fsdp_killed_and_resumed_equals_one_process_and_its_checkpoint_resumes_o
     assert resumed_on_one.result["resumed_from_step"] == step
     assert_same_run(resumed_on_one, one_process)
 
-    launch_torchrun(recipe(*FSDP_EP), killed, tokenizer, devices=2, num_nodes=1)  # the rerun: 2 ranks resume
+    launch_torchrun(recipe(*FSDP_EP), killed, tokenizer, devices=2, num_nodes=1, entry=train_rank)  # the rerun: 2 ranks resume
     resumed = Run(killed)
     assert resumed.result["resumed_from_step"] == step and len(resumed.biases) == 2
     assert_same_run(resumed, one_process)
@@ -119,7 +119,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(tmp_path, tokenizer, on
     folder = tmp_path / "one-to-two"
     (folder / "checkpoints").mkdir(parents=True)
     shutil.copy(one_process.folder / "checkpoints" / PREVIOUS, folder / "checkpoints" / LAST)
-    launch_torchrun(recipe("pretrain.devices=2", "pretrain.strategy=fsdp"), folder, tokenizer, devices=2, num_nodes=1)
+    launch_torchrun(recipe("pretrain.devices=2", "pretrain.strategy=fsdp"), folder, tokenizer, devices=2, num_nodes=1, entry=train_rank)
     run = Run(folder)
     assert 0 < run.result["resumed_from_step"] < STEPS
     assert_same_run(run, one_process)

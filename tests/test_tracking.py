@@ -84,7 +84,7 @@ def test_a_model_folder_is_a_new_registered_version_and_latest_loads_it(tmp_path
 def test_datasets_are_run_inputs_with_digest_source_and_context(tmp_path):
     import datasets
 
-    from dsv3.stages import StageData
+    from dsv3.store import StageData
 
     tracker = Tracker(tmp_path / "runs", experiment="dsv3-test")
     corpus = tmp_path / "corpus.txt"

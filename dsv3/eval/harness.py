@@ -122,7 +122,7 @@ def summary(results: dict, model: Path, recipe: Recipe, limit: int | None) -> di
 def log_to_stage_run(model: Path, path: Path, values: dict[str, float]) -> str | None:
     """Log the metrics and the JSON to the MLflow run named by the stage's manifest; its id, or None when there is
     none (an export folder, or a store without that run)."""
-    from dsv3.stages.manifest import read_manifest
+    from dsv3.store.manifest import read_manifest
 
     manifest = read_manifest(model.parent)
     if manifest is None or not manifest.mlflow_run_id:

@@ -20,12 +20,9 @@ the same key reads it back instead of training.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from dsv3.config import ExtendSection, ModelSection, PretrainSection, RecipeError, Section, _one_line
+from dsv3.config import ExtendSection, ModelSection, PretrainSection, Section, load_yaml_model
 from dsv3.data.probes import ProbeVocab, probe_rows, retrieval_prompts
 from dsv3.eval.induction import copy_losses, repeated_random_rows
 from dsv3.eval.retrieval import retrieval_accuracy
@@ -42,6 +39,7 @@ from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.rope import yarn_config
 from dsv3.plotting import plt
+from dsv3.store.keyed import key_of, reuse_or_compute
 from dsv3.train import LoopSettings, fit
 
 RESULT, REPORT, PLOT = "result.json", "copy.md", "curves.png"
@@ -125,26 +123,12 @@ class CopyProbeRecipe(Section):
 
 def load_copy_recipe(path: str | Path) -> CopyProbeRecipe:
     """Read and validate recipes/probes/copy.yaml; RecipeError with one line naming the key."""
-    import yaml
-    from pydantic import ValidationError
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        return CopyProbeRecipe.model_validate(raw)
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path} (pass recipes/probes/copy.yaml)") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{Path(path).name}: not valid YAML: {err}") from None
-    except ValidationError as err:
-        raise RecipeError(f"{Path(path).name}: {_one_line(err)}") from None
+    return load_yaml_model(path, CopyProbeRecipe, "pass recipes/probes/copy.yaml")
 
 
 def probe_key(recipe: CopyProbeRecipe) -> str:
-    """sha256 of the recipe and of the code the probe computes with (this module and the library it uses)."""
-    from dsv3.stages.runner import stage_code_hash
-
-    payload = json.dumps(recipe.model_dump(mode="json"), sort_keys=True) + stage_code_hash(sys.modules[__name__])
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """The key of the probe's result: its recipe and the code it computes with (dsv3.store.keyed)."""
+    return key_of(recipe.model_dump(mode="json"), code=sys.modules[__name__])
 
 
 def model_config(recipe: CopyProbeRecipe) -> DSV3Config:
@@ -183,13 +167,14 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
     key; returns the result ({"key", "training": [...], "variants": {...}, "seconds", ...}). logger_factory: a
     callable giving a Lightning logger for each training (or None); log: progress lines."""
     workdir = Path(workdir)
-    key = probe_key(recipe)
-    saved = workdir / RESULT
-    if saved.is_file():
-        result = json.loads(saved.read_text())
-        if result.get("key") == key:
-            log(f"copy probe: reusing {saved} (same recipe and code)")
-            return result | {"reused": True}
+    return reuse_or_compute(
+        workdir / RESULT, probe_key(recipe), lambda: train_and_measure(recipe, workdir, logger_factory, log),
+        log=lambda line: log(f"copy probe: {line}"),
+    )
+
+
+def train_and_measure(recipe: CopyProbeRecipe, workdir: Path, logger_factory, log) -> dict[str, Any]:
+    """The probe's training and measurements in `workdir` (the module docstring): its result."""
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     p, seed = recipe.probe, recipe.seed
@@ -213,7 +198,7 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
     )  # fmt: skip
     for k in range(1, p.checkpoints + 1):
         result = fit(
-            replace(settings, steps=k * segment), config, copy_only if k <= p.copy_only_segments else train, val, workdir / "pretrain", seed, token_bytes,
+            settings.model_copy(update={"steps": k * segment}), config, copy_only if k <= p.copy_only_segments else train, val, workdir / "pretrain", seed, token_bytes,
             workdir / "pretrain" / "model", workdir / "vocab", logger=logger_factory() if logger_factory else False,
         )
         training.append({"step": k * segment, **measure(result.model, recipe, p.seq_len)})
@@ -242,14 +227,13 @@ def run(recipe: CopyProbeRecipe, workdir: Path, logger_factory=None, log=print) 
         log(f"copy probe: {name}: " + ", ".join(
             f"L={length}: gain {v['induction_gain']:.2f}, retrieval {v['retrieval_accuracy']:.0%}" for length, v in variants[name].items()))
     result = {
-        "key": key, "name": recipe.name, "seq_len": p.seq_len, "long": long, "log_vocab": math.log(len(vocab.symbols)),
+        "name": recipe.name, "seq_len": p.seq_len, "long": long, "log_vocab": math.log(len(vocab.symbols)),
         "training": training, "history": history, "variants": variants, "seconds": time.perf_counter() - started,
         "steps": settings.steps, "tokens": settings.steps * settings.global_batch_size * p.seq_len,
         "extension_steps": LoopSettings.for_extension(recipe.pretrain, recipe.extend, phase).steps,
     }  # fmt: skip
     plot(result, workdir / PLOT)
     (workdir / REPORT).write_text(markdown(result, PLOT), encoding="utf-8")
-    write_json_atomic(saved, result)
     return result
 
 

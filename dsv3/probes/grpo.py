@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from dsv3.config import Recipe
 from dsv3.plotting import plt
-from dsv3.stages.manifest import read_manifest
-from dsv3.stages.runs import run_root
+from dsv3.store.manifest import read_manifest
+from dsv3.store.runs import run_root
 from dsv3.tracking import tracking_uri
 
 SERIES = {  # what the table and the plot read, MLflow name -> short name

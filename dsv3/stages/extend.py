@@ -45,31 +45,24 @@ from dsv3.eval.perplexity import plot_perplexity_by_length, window_perplexity
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
 from dsv3.model.rope import yarn_config
-from dsv3.stages import StageData, StageResult
-from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
-from dsv3.stages.runs import shared_cache
+from dsv3.store import Stage, StageData, StageResult, metric
+from dsv3.store.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.store.keyed import key_of, reuse_or_compute
+from dsv3.store.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import LoopSettings, fit
 from dsv3.train.data import validation_subset
 from dsv3.train.launch import inside_torchrun, launch_torchrun
 from dsv3.train.plots import plot_losses
 
-SECTIONS = ("data", "pretrain", "extend")
-INPUTS = ("pretrain",)
 OUTPUT = "model"
-HEADLINE = (
-    "ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_before_", "passkey_accuracy_after_",
-    "passkey_gain_4x",
-)  # fmt: skip
-METRICS_NOTE = (  # the report card's line under this stage's metrics
+METRICS_NOTE = (  # the report card's line under this stage's metrics (Stage.note)
     "ppl_before_L<n>: perplexity of the validation split in evenly spread windows cut into rows of n tokens "
     "(ppl_rel_se_*: the standard error of its log); at the pretraining length it is exp(pretrain's final_val_loss) "
     "measured on other rows of the same split, equal within their noise; ppl_after_L<n>: the same of the YaRN model."
 )
-TUNABLE = ("extend",)  # a diverged run resumes from its last checkpoint after a fix to this section
 FILLER_BYTES = 2_000_000  # training-split text the passkey documents draw their filler from
 RESULT = "result.json"  # phase<i>/result.json: the phase's history, steps and resume point
-PHASES_ENTRY = "dsv3.stages.extend:train_phases"
 
 
 def data_files(recipe: Recipe) -> list[str]:
@@ -98,7 +91,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     if settings.world_size > 1 and not inside_torchrun():
         for phase in ext.phases:  # built once here, loaded by every rank
             phase_rows(recipe, phase, corpus, tokenizer, shared_cache(workdir))
-        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes, entry=PHASES_ENTRY)
+        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes, entry=train_phases)
     else:
         train_phases(recipe, workdir, inputs)
     train_seconds = time.perf_counter() - started
@@ -281,23 +274,30 @@ def cached_evaluation(
     recipe: Recipe,
 ) -> dict:
     """Passkey accuracy per (length, depth), perplexity per length with the standard error of its log (nats) and
-    in-context copying (dsv3.eval.induction) of `model`, kept in `path` across resumes."""
-    if path.is_file():
-        return json.loads(path.read_text())
+    in-context copying (dsv3.eval.induction) of `model`, kept in `path` across resumes under the key of the evaluation's settings (dsv3.store.keyed: a
+    resume after a fix to the extend section measures again what that fix changed)."""
     ext = recipe.extend
-    accuracy = evaluate_passkey(
-        model, task, passkey_lengths(recipe), ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
-    )
-    scored = {length: window_perplexity(model, ppl_windows, length, ext.eval_batch_size) for length in sorted(ext.perplexity_lengths)}
-    result = {
-        "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
-        "perplexity": {str(k): ppl for k, (ppl, _) in scored.items()},
-        "perplexity_se": {str(k): se for k, (_, se) in scored.items()},
-        "perplexity_tokens": ppl_windows.numel(),
-        "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
-    }
-    write_json_atomic(path, result)
-    return result
+    settings = ext.model_dump(
+        mode="json", include={"passkey_digits", "passkey_depths", "passkey_trials", "perplexity_lengths", "perplexity_tokens", "eval_batch_size"}
+    ) | {"measured": path.name, "passkey_lengths": passkey_lengths(recipe)}
+
+    def evaluate() -> dict:
+        accuracy = evaluate_passkey(
+            model, task, passkey_lengths(recipe), ext.passkey_depths, ext.passkey_trials, ext.eval_batch_size
+        )
+        scored = {
+            length: window_perplexity(model, ppl_windows, length, ext.eval_batch_size)
+            for length in sorted(ext.perplexity_lengths)
+        }
+        return {
+            "passkey": [[length, depth, acc] for (length, depth), acc in accuracy.items()],
+            "perplexity": {str(k): ppl for k, (ppl, _) in scored.items()},
+            "perplexity_se": {str(k): se for k, (_, se) in scored.items()},
+            "perplexity_tokens": ppl_windows.numel(),
+            "copying": copy_losses(model, copy_rows, ext.eval_batch_size),
+        }
+
+    return reuse_or_compute(path, key_of(settings), evaluate)
 
 
 def stage_result(
@@ -375,3 +375,23 @@ def stage_result(
         f"{metrics['induction_gain_after']:.2f} nats (0 = no in-context copying)"
     )
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary)
+
+
+STAGE = Stage(
+    name="extend",
+    run=run,
+    sections=("data", "pretrain", "extend"),
+    inputs=("pretrain",),
+    outputs=(OUTPUT,),
+    checks={
+        "max_ppl_increase": metric("ppl_change_at_original_length"),
+        "min_passkey_accuracy_4x": metric("passkey_accuracy_after_4x"),
+    },
+    headline=(
+        "ppl_change_at_original_length", "final_val_loss", "induction_gain_after", "passkey_accuracy_before_", "passkey_accuracy_after_",
+        "passkey_gain_4x",
+    ),
+    tunable=("extend",),  # a diverged run resumes from its last checkpoint after a fix to these
+    data_files=data_files,
+    note=METRICS_NOTE,
+)  # fmt: skip

@@ -10,7 +10,7 @@ Checkpoints: `checkpoints/last.ckpt` every checkpoint_every_n_steps (the one bef
 `checkpoints/best.ckpt` at the lowest validation loss. A rerun of a killed stage resumes from last.ckpt: weights,
 optimizer, router biases, the step (hence the schedules and the data position) and the metric history. A diverged
 loss stops the stage (TrainingDiverged); after a fix to the pretrain section, a rerun resumes from the last
-checkpoint (TUNABLE). devices × num_nodes > 1 trains in a torchrun subprocess (dsv3.train.launch).
+checkpoint (its tunable section). devices × num_nodes > 1 trains in a torchrun subprocess (dsv3.train.launch).
 
 Output: `model/` — a save_pretrained directory with the tokenizer files next to it, so AutoTokenizer and
 AutoModelForCausalLM load it from one folder.
@@ -40,9 +40,9 @@ from dsv3.eval.acceptance import acceptance_prompts, mtp_acceptance, teacher_for
 from dsv3.eval.induction import copy_losses, copy_probe_rows
 from dsv3.io import write_json_atomic
 from dsv3.model import DSV3Config, DSV3ForCausalLM
-from dsv3.stages import StageData, StageResult
-from dsv3.stages.health import NONFINITE, count_nonfinite, logged_losses
-from dsv3.stages.runs import shared_cache
+from dsv3.store import Stage, StageData, StageResult, metric, ratio
+from dsv3.store.health import NONFINITE, count_nonfinite, logged_losses
+from dsv3.store.runs import shared_cache
 from dsv3.tracking import stage_run
 from dsv3.train import FitResult, LoopSettings, fit
 from dsv3.train.data import validation_subset
@@ -50,17 +50,10 @@ from dsv3.train.launch import inside_torchrun, launch_torchrun
 from dsv3.train.plots import plot_expert_load, plot_losses, plot_max_violation
 from dsv3.train.schedules import step_plan
 
-SECTIONS = ("data", "model", "pretrain")
-INPUTS = ("tokenizer",)
 OUTPUT = "model"
-HEADLINE = (
-    "final_val_loss", "unigram_val_loss", "induction_gain", "mtp_acceptance", "mtp_acceptance_teacher_forced",
-    "final_val_maxvio_global", "tokens", "tokens_per_s_median",
-)  # fmt: skip
 COPY_LENGTH = 64  # the copying probe's sequences: 16 of 64 random tokens, each repeated
 ACCEPTANCE_PROMPTS = (16, 32)  # prompts, tokens each
 ACCEPTANCE_NEW_TOKENS = 32
-TUNABLE = ("pretrain",)  # a diverged run resumes from its last checkpoint after a fix to this section
 CHECKPOINTS = "checkpoints"
 RESULT = "train_result.json"
 RANKS = "ranks"
@@ -79,7 +72,7 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     started = time.perf_counter()
     settings = LoopSettings.from_pretrain(recipe.pretrain)
     if settings.world_size > 1 and not inside_torchrun():
-        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes)
+        launch_torchrun(recipe, workdir, inputs, settings.devices, settings.num_nodes, entry=train_rank)
     else:
         train_rank(recipe, workdir, inputs)
     seconds = time.perf_counter() - started
@@ -290,3 +283,23 @@ def stage_result(
     source = corpus_source(recipe.data)
     data = {"train": StageData(rows.train, source), "validation": StageData(rows.validation, source, "validation")}
     return StageResult(outputs=[OUTPUT], metrics=metrics, artifacts=artifacts, summary=summary, data=data)
+
+
+STAGE = Stage(
+    name="pretrain",
+    run=run,
+    sections=("data", "model", "pretrain"),
+    inputs=("tokenizer",),
+    outputs=(OUTPUT,),
+    checks={
+        "max_val_loss_ratio": ratio("final_val_loss", "unigram_val_loss"),
+        "min_induction_gain": metric("induction_gain"),
+        "min_mtp_acceptance": metric("mtp_acceptance"),
+    },
+    headline=(
+        "final_val_loss", "unigram_val_loss", "induction_gain", "mtp_acceptance", "mtp_acceptance_teacher_forced",
+        "final_val_maxvio_global", "tokens", "tokens_per_s_median",
+    ),
+    tunable=("pretrain",),  # a diverged run resumes from its last checkpoint after a fix to these
+    data_files=data_files,
+)  # fmt: skip

@@ -41,8 +41,6 @@ from dsv3.io import write_json_atomic
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
 from dsv3.model.hf import save_model_folder
 from dsv3.plotting import plt
-from dsv3.stages import StageData, StageResult
-from dsv3.stages.health import NONFINITE, count_nonfinite
 from dsv3.stages.post_training import (
     ResumeStep,
     attach_logging,
@@ -51,11 +49,10 @@ from dsv3.stages.post_training import (
     shared_arguments,
     train,
 )
+from dsv3.store import Stage, StageData, StageResult, metric
+from dsv3.store.health import NONFINITE, count_nonfinite
 
-SECTIONS = ("reward",)
-INPUTS = ("sft",)
 OUTPUT = "model"
-HEADLINE = ("heldout_pair_accuracy", "heldout_pair_accuracy_before", "train_loss_final")
 CHECKPOINTS = "checkpoints"
 PAIRS = "pairs.json"
 PLOT = "reward_training.png"
@@ -298,3 +295,14 @@ def plot_training(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+STAGE = Stage(
+    name="reward",
+    run=run,
+    sections=("reward",),
+    inputs=("sft",),
+    outputs=(OUTPUT,),
+    checks={"min_pair_accuracy": metric("heldout_pair_accuracy")},
+    headline=("heldout_pair_accuracy", "heldout_pair_accuracy_before", "train_loss_final"),
+)  # fmt: skip

@@ -36,8 +36,6 @@ from dsv3.eval.rewards import RewardModelScore, correctness_reward, format_rewar
 from dsv3.model import DSV3ForCausalLM, DSV3ForSequenceClassification
 from dsv3.model.hf import save_model_folder
 from dsv3.plotting import plt
-from dsv3.stages import StageData, StageResult
-from dsv3.stages.health import NONFINITE, count_nonfinite
 from dsv3.stages.post_training import (
     ResumeStep,
     attach_logging,
@@ -46,11 +44,10 @@ from dsv3.stages.post_training import (
     shared_arguments,
     train,
 )
+from dsv3.store import Stage, StageData, StageResult, metric
+from dsv3.store.health import NONFINITE, count_nonfinite
 
-SECTIONS = ("rl",)
-INPUTS = ("sft", "reward")
 OUTPUT = "model"
-HEADLINE = ("heldout_accuracy_sft", "heldout_accuracy_rl", "heldout_format_rate_rl", "reward_first", "reward_final", "kl_final", "rollout_truncated_rate")
 CHECKPOINTS = "checkpoints"
 PLOT = "rl_rewards.png"
 REWARD_NAMES = ("correctness_reward", "format_reward", "reward_model")
@@ -244,3 +241,14 @@ def plot_rewards(history: list[dict], path: Path, max_length: int) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+STAGE = Stage(
+    name="rl",
+    run=run,
+    sections=("rl",),
+    inputs=("sft", "reward"),
+    outputs=(OUTPUT,),
+    checks={"max_truncated_rate": metric("rollout_truncated_rate")},
+    headline=("heldout_accuracy_sft", "heldout_accuracy_rl", "heldout_format_rate_rl", "reward_first", "reward_final", "kl_final", "rollout_truncated_rate"),
+)  # fmt: skip

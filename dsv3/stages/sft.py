@@ -33,8 +33,6 @@ from dsv3.eval.accuracy import evaluate_accuracy
 from dsv3.model import DSV3ForCausalLM
 from dsv3.model.hf import save_model_folder
 from dsv3.plotting import plt
-from dsv3.stages import StageData, StageResult
-from dsv3.stages.health import NONFINITE, count_nonfinite
 from dsv3.stages.post_training import (
     ResumeStep,
     attach_logging,
@@ -43,10 +41,10 @@ from dsv3.stages.post_training import (
     shared_arguments,
     train,
 )
+from dsv3.store import Stage, StageData, StageResult, metric
+from dsv3.store.health import NONFINITE, count_nonfinite
 
-SECTIONS = ("sft",)
 OUTPUT = "model"
-HEADLINE = ("heldout_accuracy", "heldout_format_rate", "heldout_mean_completion_tokens", "heldout_truncated_rate", "train_loss_final")
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "sft_loss.png"
 
@@ -219,3 +217,19 @@ def plot_loss(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+STAGE = Stage(
+    name="sft",
+    run=run,
+    sections=("sft",),
+    inputs=inputs,
+    outputs=(OUTPUT,),
+    checks={
+        "min_accuracy": metric("heldout_accuracy"),
+        "min_format_rate": metric("heldout_format_rate"),
+        "max_truncated_rate": metric("heldout_truncated_rate"),
+    },
+    headline=("heldout_accuracy", "heldout_format_rate", "heldout_mean_completion_tokens", "heldout_truncated_rate", "train_loss_final"),
+    data_files=data_files,
+)  # fmt: skip

@@ -16,12 +16,9 @@ from dsv3.data.chat import CHAT_TEMPLATE
 from dsv3.data.corpus import capped_texts, corpus_source, recipe_corpus, recipe_data_files
 from dsv3.data.mixture import tokenizer_texts
 from dsv3.data.tokenizer import bytes_per_token, save_tokenizer, train_tokenizer, vocab_usage
-from dsv3.stages import StageData, StageResult
+from dsv3.store import Stage, StageData, StageResult, metric
 
-SECTIONS = ("data", "tokenizer")
-INPUTS = ()
 OUTPUT = "tokenizer"
-HEADLINE = ("bytes_per_token_validation", "vocab_usage_validation")  # what says it worked
 
 
 def data_files(recipe: Recipe) -> list[str]:
@@ -59,3 +56,15 @@ def run(recipe: Recipe, workdir: Path, inputs: dict[str, Path]) -> StageResult:
     )
     data = {"corpus": StageData(corpus["train"], corpus_source(recipe.data))}
     return StageResult(outputs=[OUTPUT], metrics=metrics, summary=summary, data=data)
+
+
+STAGE = Stage(
+    name="tokenizer",
+    run=run,
+    sections=("data", "tokenizer"),
+    inputs=(),
+    outputs=(OUTPUT,),
+    checks={"min_bytes_per_token": metric("bytes_per_token_validation")},
+    headline=("bytes_per_token_validation", "vocab_usage_validation"),
+    data_files=data_files,
+)  # fmt: skip

@@ -23,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +36,6 @@ from dsv3.io import write_json_atomic
 
 RECIPE_FILE = "recipe.yaml"
 FAILURE_FILE = "rank-failure.json"
-PRETRAIN_ENTRY = "dsv3.stages.pretrain:train_rank"
 
 
 def inside_torchrun() -> bool:
@@ -90,19 +90,21 @@ def torchrun_command(
 
 
 def launch_torchrun(
-    recipe: Recipe, workdir: Path, inputs: dict[str, Path], devices: int, num_nodes: int, entry: str = PRETRAIN_ENTRY
+    recipe: Recipe, workdir: Path, inputs: dict[str, Path], devices: int, num_nodes: int, entry: Callable[..., None]
 ) -> None:
-    """Run `entry` on devices × num_nodes ranks with torchrun in a subprocess (restarted up to
-    recipe.pretrain.max_restarts times); the resolved recipe is written to workdir/recipe.yaml for the ranks. A
-    rank's known failure is raised again here as the same kind of error."""
+    """Run `entry` (a module-level function the calling stage passes: the loop names no stage) on devices × num_nodes
+    ranks with torchrun in a subprocess (restarted up to recipe.pretrain.max_restarts times); the resolved recipe is
+    written to workdir/recipe.yaml for the ranks. A rank's known failure is raised again here as the same kind of
+    error."""
     recipe_file, failure_file = workdir / RECIPE_FILE, workdir / FAILURE_FILE
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     failure_file.unlink(missing_ok=True)
     restarts = recipe.pretrain.max_restarts if recipe.pretrain else 0
-    command = torchrun_command(devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file, max_restarts=restarts)
+    target = f"{entry.__module__}:{entry.__name__}"
+    command = torchrun_command(devices, num_nodes, target, recipe_file, workdir, inputs, failure_file, max_restarts=restarts)
     if num_nodes > 1:
         other = torchrun_command(
-            devices, num_nodes, entry, recipe_file, workdir, inputs, failure_file, "$NODE_RANK", max_restarts=restarts
+            devices, num_nodes, target, recipe_file, workdir, inputs, failure_file, "$NODE_RANK", max_restarts=restarts
         )
         line = " ".join(arg if "$NODE_RANK" in arg else shlex.quote(arg) for arg in other)
         print(f"dsv3: on every other node, with NODE_RANK set to its rank (1..{num_nodes - 1}), run: {line}", file=sys.stderr)
@@ -139,7 +141,7 @@ def die_with_agent() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train in this torchrun rank: call ENTRY(recipe, workdir, inputs).")
-    parser.add_argument("--entry", default=PRETRAIN_ENTRY, help=f"module:function to run (default {PRETRAIN_ENTRY})")
+    parser.add_argument("--entry", required=True, help="module:function to run (the calling stage's)")
     parser.add_argument("--recipe", required=True, help="recipe YAML (the stage writes its resolved recipe)")
     parser.add_argument("--workdir", required=True, help="the stage's folder")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=DIR", help="an upstream stage's folder")

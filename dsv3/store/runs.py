@@ -29,8 +29,8 @@ from pathlib import Path
 from dsv3.config import STAGE_ORDER, Recipe, flatten, is_hardware, without_hardware
 from dsv3.errors import InputError
 from dsv3.io import write_json_atomic
-from dsv3.stages.health import Check
-from dsv3.stages.manifest import Manifest, read_manifest
+from dsv3.store.health import Check
+from dsv3.store.manifest import Manifest, read_manifest
 
 STORE, LATEST, RUN_INFO, CACHE = "stages", "latest", "run.json", "cache"
 

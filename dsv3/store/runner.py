@@ -4,11 +4,11 @@
 - failed its checks, same key, outputs intact -> judged again (a changed threshold or `checks.enforce: false`
   settles it without rerunning)
 - running/failed with the same key     -> resumed: the stage finds its own checkpoints in its folder
-- diverged, and since then only its TUNABLE sections changed (e.g. a lower LR) -> resumed from its last checkpoint
+- diverged, and since then only its tunable sections changed (e.g. a lower LR) -> resumed from its last checkpoint
 - anything else (new key, corrupt or missing outputs, no manifest) -> the folder is cleared and it runs
 
 The key covers the stage's recipe sections, its inputs' output hashes, its code and the content of the local
-files it reads. A stage whose health checks (dsv3.stages.health) fail is marked failed — outputs kept for
+files it reads (dsv3.store.keyed). A stage whose health checks (dsv3.store.health) fail is marked failed — outputs kept for
 inspection — and StageFailed is raised with one line naming the check and the measured value.
 """
 
@@ -18,22 +18,20 @@ import hashlib
 import logging
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Literal
 
 import dsv3
 from dsv3.config import Recipe, flatten
 from dsv3.errors import StageFailed, classify
-from dsv3.stages import StageResult, get_stage, headline, stage_inputs
-from dsv3.stages.fingerprint import content_hash
-from dsv3.stages.health import judge
-from dsv3.stages.manifest import (
+from dsv3.store.fingerprint import content_hash
+from dsv3.store.health import judge
+from dsv3.store.keyed import code_hash
+from dsv3.store.manifest import (
     MANIFEST_NAME,
     Manifest,
     StageKey,
@@ -43,7 +41,8 @@ from dsv3.stages.manifest import (
     read_manifest,
     write_manifest,
 )
-from dsv3.stages.runs import link_stage, run_root, store
+from dsv3.store.runs import link_stage, run_root, store
+from dsv3.store.stage import Stage, StageResult
 from dsv3.tracking import Tracker
 
 MODEL = "model"  # the save_pretrained folder a training stage writes: registered in MLflow
@@ -63,90 +62,25 @@ class StageOutcome:
     summary: str = ""
 
 
-def stage_key(name: str, recipe: Recipe, root: Path) -> StageKey:
-    """Hash of the stage's recipe sections, its inputs' output hashes, and its own source code."""
-    module = get_stage(name)
+def stage_key(stage: Stage, recipe: Recipe, root: Path) -> StageKey:
+    """Hash of the stage's recipe sections, its inputs' output hashes, its code and the local files it reads."""
     input_hashes = {}
-    for upstream in stage_inputs(module, recipe):
+    for upstream in stage.upstream(recipe):
         manifest = read_manifest(root / upstream)
         if manifest is None or manifest.status != "completed":
             raise StageInputError(
-                f"stage {name} needs the output of {upstream}: run the pipeline up to {upstream}"
+                f"stage {stage.name} needs the output of {upstream}: run the pipeline up to {upstream}"
             )
         input_hashes[upstream] = manifest.output_hash
-    data = content_hash(module.data_files(recipe), root.parent) if hasattr(module, "data_files") else ""
-    return StageKey(recipe.section_hash(*module.SECTIONS), input_hashes, stage_code_hash(module), data)
+    data = content_hash(stage.files(recipe), root.parent)
+    return StageKey(recipe.section_hash(*stage.sections), input_hashes, code_hash(stage.module), data)
 
 
-def fixed_hash(module: ModuleType, recipe: Recipe, key: StageKey) -> str:
-    """The key without the stage's TUNABLE sections: equal before and after a fix that a diverged run may resume
+def fixed_hash(stage: Stage, recipe: Recipe, key: StageKey) -> str:
+    """The key without the stage's tunable sections: equal before and after a fix that a diverged run may resume
     under (same model, data, inputs and code; e.g. only the LR changed)."""
-    tunable = set(getattr(module, "TUNABLE", ()))
-    fixed = recipe.section_hash(*(s for s in module.SECTIONS if s not in tunable))
+    fixed = recipe.section_hash(*(s for s in stage.sections if s not in stage.tunable))
     return hashlib.sha256(f"{fixed}{key.input_hashes}{key.data_hash}".encode()).hexdigest()
-
-
-# Plumbing that decides how a stage runs, not what it computes: editing it reruns nothing.
-PLUMBING = {
-    "dsv3",
-    "dsv3.cli",
-    "dsv3.config",
-    "dsv3.errors",
-    "dsv3.io",
-    "dsv3.report",
-    "dsv3.stages",
-    "dsv3.stages.fingerprint",
-    "dsv3.stages.health",
-    "dsv3.stages.lock",
-    "dsv3.stages.manifest",
-    "dsv3.stages.runner",
-    "dsv3.tracking",
-}
-
-
-def stage_code_hash(module: ModuleType) -> str:
-    """sha256 over the source files the stage computes with (`stage_code_files`)."""
-    digest = hashlib.sha256()
-    for file in stage_code_files(module):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def stage_code_files(module: ModuleType) -> list[Path]:
-    """The stage's module, the other stage modules it uses, and every file of each library subpackage it
-    touches (dsv3/model/, dsv3/data/, ...; whole subpackages, so imports inside functions are covered).
-
-    Editing the model, a schedule or the data pipeline changes the key of the stages that use them (and so
-    reruns them); editing an unrelated stage or the pipeline's plumbing does not.
-    """
-    used: dict[str, ModuleType] = {}
-    pending = [module]
-    while pending:
-        current = pending.pop()
-        if current.__name__ in used:
-            continue
-        used[current.__name__] = current
-        if current.__name__ in PLUMBING or hasattr(current, "__path__"):
-            continue  # don't follow the plumbing, nor a package's attributes (they list all its submodules)
-        for value in vars(current).values():
-            other = (
-                value
-                if isinstance(value, ModuleType)
-                else sys.modules.get(getattr(value, "__module__", None) or "")
-            )
-            if other is not None and other.__name__.split(".")[0] == "dsv3" and other.__name__ not in used:
-                pending.append(other)
-    files = set()
-    for name, used_module in used.items():
-        if name in PLUMBING:
-            continue
-        parts = name.split(".")
-        if len(parts) > 2 and parts[1] != "stages":  # a library subpackage: all of it (covers local imports)
-            files.update(Path(used_module.__file__).parent.glob("*.py"))
-        else:
-            files.add(Path(used_module.__file__))
-    return sorted(files)
 
 
 def code_version() -> str:
@@ -171,13 +105,13 @@ def code_version() -> str:
 
 
 def run_stage(
-    name: str, recipe: Recipe, runs_dir: str | Path, tracker: Tracker | None = None
+    stage: Stage, recipe: Recipe, runs_dir: str | Path, tracker: Tracker | None = None
 ) -> StageOutcome:
-    """Skip, resume or run stage `name` of `recipe`, writing its manifest, tracking it and judging its checks."""
-    module = get_stage(name)
+    """Skip, resume or run `stage` for `recipe`, writing its manifest, tracking it and judging its checks."""
+    name = stage.name
     root = run_root(runs_dir, recipe)
-    key = stage_key(name, recipe, root)
-    fixed = fixed_hash(module, recipe, key)
+    key = stage_key(stage, recipe, root)
+    fixed = fixed_hash(stage, recipe, key)
     workdir, previous = stage_folder(runs_dir, name, key, fixed, root / name)
     link_stage(root, name, workdir)
 
@@ -190,7 +124,7 @@ def run_stage(
     ):
         assert previous is not None
         action = "skipped" if previous.status == "completed" else "rejudged"
-        settle(name, previous, recipe, workdir)
+        settle(stage, previous, recipe, workdir)
         if tracker:
             tracker.mark_reused(name, previous.mlflow_run_id)
         return StageOutcome(name, action, previous, workdir)
@@ -210,20 +144,20 @@ def run_stage(
         attempts=previous.attempts + 1 if resuming and previous else 1,
         fixed_hash=fixed,
     )
-    inputs = {upstream: root / upstream for upstream in stage_inputs(module, recipe)}
+    inputs = {upstream: root / upstream for upstream in stage.upstream(recipe)}
     params = {"seed": recipe.seed} | {
-        k: v for s in module.SECTIONS for k, v in flatten(getattr(recipe, s), s).items()
+        k: v for s in stage.sections for k, v in flatten(getattr(recipe, s), s).items()
     }
 
     if tracker is None:
-        result = _execute(name, module, recipe, workdir, inputs, manifest)
+        result = _execute(stage, recipe, workdir, inputs, manifest)
         raise_if_failed(manifest)
     else:
         lineage = {f"dsv3.input.{u}": (read_manifest(folder) or manifest).mlflow_run_id or "" for u, folder in inputs.items()}
         with tracker.stage_run(name, params, tags={"dsv3.output_dir": tracker.relative(workdir), **lineage}) as run_id:
             manifest.mlflow_run_id = run_id
             with tracker.system_metrics(run_id):
-                result = _execute(name, module, recipe, workdir, inputs, manifest)
+                result = _execute(stage, recipe, workdir, inputs, manifest)
             tracker.log_datasets(run_id, result.data)
             tracker.log_metrics(run_id, manifest.metrics)
             tracker.log_artifact(run_id, workdir / MANIFEST_NAME)
@@ -238,8 +172,8 @@ def run_stage(
                     registered_name(recipe, name),
                     workdir / MODEL,
                     model_tags(tracker, root, workdir, key),
-                    description=version_description(name, manifest, tracker, root, workdir),
-                    model_description=registered_description(recipe, name),
+                    description=version_description(stage, manifest, tracker, root, workdir),
+                    model_description=registered_description(recipe, stage),
                     model_tags={"dsv3.recipe": recipe.name, "dsv3.stage": name},
                 )
     return StageOutcome(name, "resumed" if resuming else "ran", manifest, workdir, result.summary)
@@ -256,23 +190,23 @@ def model_tags(tracker: Tracker, root: Path, workdir: Path, key: StageKey) -> di
     return {"dsv3.run_folder": tracker.relative(root), "dsv3.stage_folder": tracker.relative(workdir), "dsv3.stage_key": key.digest()}
 
 
-def registered_description(recipe: Recipe, stage: str) -> str:
+def registered_description(recipe: Recipe, stage: Stage) -> str:
     """The registered model's description in MLflow's UI: what its versions are and how they are tagged."""
-    what = (get_stage(stage).__doc__ or f"{stage} stage").split("\n")[0].split(" (")[0].rstrip(".")
+    what = stage.description.split(" (")[0].rstrip(".")
     return (
         f"{what} of the dsv3 recipe `{recipe.name}`: a version per run that trained it, its source run the stage's "
         "MLflow run (nested under the variant's pipeline run). Version tags: `dsv3.run_folder` (the variant) and "
         "`dsv3.stage_folder` (the model is its `model/`), both relative to the runs folder, and `dsv3.stage_key`. "
-        f"`models:/{registered_name(recipe, stage)}/latest` loads the newest."
+        f"`models:/{registered_name(recipe, stage.name)}/latest` loads the newest."
     )
 
 
-def version_description(name: str, manifest: Manifest, tracker: Tracker, root: Path, workdir: Path) -> str:
+def version_description(stage: Stage, manifest: Manifest, tracker: Tracker, root: Path, workdir: Path) -> str:
     """A model version's description: the variant (first: what the versions table shows) and stage folder that
     wrote it, the code, the headline metrics."""
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in headline(name, manifest.metrics).items())
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in stage.headline_of(manifest.metrics).items())
     return (  # plain text: the UI's versions table shows its start unrendered
-        f"Run {tracker.relative(root)}, stage {name} (folder {tracker.relative(workdir)}, code "
+        f"Run {tracker.relative(root)}, stage {stage.name} (folder {tracker.relative(workdir)}, code "
         f"{manifest.code_version})" + (f": {metrics}." if metrics else ".")
     )
 
@@ -298,24 +232,24 @@ def stage_folder(runs_dir, name: str, key: StageKey, fixed: str, current: Path) 
     return folder, read_manifest(folder)
 
 
-def judge_into(name: str, manifest: Manifest, recipe: Recipe) -> None:
+def judge_into(stage: Stage, manifest: Manifest, recipe: Recipe) -> None:
     """Judge the stage's metrics against the recipe's checks and record the verdict in the manifest: completed,
     or failed with the first failed check's line (with `checks.enforce: false`, completed, failures listed)."""
-    checks = judge(name, manifest.metrics, recipe.checks)
+    checks = judge(stage, manifest.metrics, recipe.checks)
     failed = [c for c in checks if not c.passed]
     manifest.checks = [c.to_json() for c in checks]
     if failed and recipe.checks.enforce:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        line = f"stage {name} failed its health check {failed[0].line()}{more}"
+        line = f"stage {stage.name} failed its health check {failed[0].line()}{more}"
         manifest.status, manifest.failure = "failed", {"kind": "check", "message": line}
     else:
         manifest.status, manifest.failure = "completed", None
 
 
-def settle(name: str, manifest: Manifest, recipe: Recipe, workdir: Path) -> None:
+def settle(stage: Stage, manifest: Manifest, recipe: Recipe, workdir: Path) -> None:
     """Judge a finished stage again (thresholds may have changed), rewrite its manifest if the verdict did."""
     before = (manifest.status, manifest.checks, manifest.failure)
-    judge_into(name, manifest, recipe)
+    judge_into(stage, manifest, recipe)
     if (manifest.status, manifest.checks, manifest.failure) != before:
         write_manifest(workdir, manifest)
     raise_if_failed(manifest)
@@ -369,15 +303,13 @@ def library_bars_off() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def _execute(
-    name: str, module, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest
-) -> StageResult:
+def _execute(stage: Stage, recipe: Recipe, workdir: Path, inputs: dict[str, Path], manifest: Manifest) -> StageResult:
     """Run the stage and write its manifest: running, then completed or failed (judged by its checks)."""
     write_manifest(workdir, manifest)
     try:
         with stage_log(workdir), library_bars_off():
-            result: StageResult = module.run(recipe, workdir, inputs)
-        manifest.outputs = hash_outputs(workdir, result.outputs)
+            result: StageResult = stage.run(recipe, workdir, inputs)
+        manifest.outputs = hash_outputs(workdir, list(dict.fromkeys([*stage.outputs, *result.outputs])))
     except BaseException as error:
         manifest.status = "failed"
         manifest.failure = asdict(classify(error, workdir))
@@ -391,6 +323,6 @@ def _execute(
     manifest.artifacts = list(result.artifacts)
     manifest.finished_at = time.time()
     manifest.metrics["stage_seconds"] = manifest.finished_at - (manifest.started_at or manifest.finished_at)
-    judge_into(name, manifest, recipe)
+    judge_into(stage, manifest, recipe)
     write_manifest(workdir, manifest)
     return result

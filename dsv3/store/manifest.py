@@ -26,7 +26,7 @@ class StageKey:
     recipe_hash: str
     input_hashes: dict[str, str]
     code_hash: str
-    data_hash: str = ""  # content of the local files the stage reads (dsv3.stages.fingerprint)
+    data_hash: str = ""  # content of the local files the stage reads (dsv3.store.fingerprint)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
@@ -45,9 +45,9 @@ class Manifest:
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 1
-    checks: list[dict] = field(default_factory=list)  # dsv3.stages.health.Check.to_json() of each judged check
+    checks: list[dict] = field(default_factory=list)  # dsv3.store.health.Check.to_json() of each judged check
     failure: dict | None = None  # {"kind", "message"} of what stopped a failed stage (dsv3.errors.Failure)
-    fixed_hash: str = ""  # key without the sections a diverged run may change and still resume (TUNABLE)
+    fixed_hash: str = ""  # key without the sections a diverged run may change and still resume (Stage.tunable)
 
     @property
     def failed_checks(self) -> list[dict]:
