@@ -397,7 +397,7 @@ def comparison_markdown(
         f"{', '.join(map(str, seeds)) or NONE}, and arms with the same seed (same initialisation and data order) are "
         "paired. An arm that has not run is shown as missing.",
         "",
-        "**What these runs cannot show.** A few minutes of a 2-core CPU trains ~4·10^5 tokens; in-context copying "
+        "**What these runs cannot show.** A few minutes of a 2-core CPU trains ~6·10^5 tokens an arm; in-context copying "
         "(induction heads) needs on the order of 10^7 tokens at these batch and context sizes (Olsson et al. 2022; "
         "Aoyama et al. 2025: ~10^5.7·√(batch·context) tokens), so passkey retrieval and GRPO gains on held-out "
         "arithmetic are out of reach here; the probe recipes (`dsv3 probes`, recipes/probes/) isolate those effects "

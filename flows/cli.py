@@ -73,8 +73,9 @@ def add_flow_commands(sub) -> None:
         description="Run every arm recipe in --recipes (FP8 at hidden 512: blockwise / per-tensor / BF16; loss-free / "
         "aux-loss / no balancing; MTP on / off) with --seeds seeds through the stage code, reusing finished (arm, seed) "
         "runs, and write runs/ablations/ablations.md and .html: each claim of the papers beside ours as mean ± sd "
-        "over the seeds, the paired difference, and 'holds' only when it is beyond 2 sd of the paired differences "
-        "('not resolved' otherwise); every seed's values; loss and MaxVio curves.",
+        "over the seeds (each run read as the mean of its validation evaluations after half its steps), the paired "
+        "difference, and 'holds' only when its 95% confidence interval excludes zero on the paper's side ('not "
+        "resolved' otherwise, with the seeds that would decide it); every seed's values; loss and MaxVio curves.",
         epilog="examples:\n"
         "  dsv3 ablations --recipes recipes/ablations --runs-dir runs --seeds 3\n"
         "  dsv3 ablations --only balancing --seeds 5          # two more seeds of one ablation, the first three reused",

@@ -1,6 +1,6 @@
 """Probes: small runs that isolate one effect the tiny pipeline cannot show at its scale (recipes/probes/).
 
-The tiny pipeline trains ~4·10^5 tokens; in-context copying (induction heads) needs on the order of 10^7 tokens at
+The tiny pipeline trains ~1.6·10^6 tokens; in-context copying (induction heads) needs on the order of 10^7 tokens at
 its batch and context sizes (Olsson et al. 2022; Aoyama et al. 2025: ~10^5.7·√(batch·context) tokens), so its
 passkey retrieval stays at 0% and GRPO has nothing to sharpen on held-out arithmetic. Two probes show the mechanisms
 where a CPU can:
