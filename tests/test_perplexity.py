@@ -8,7 +8,6 @@ import torch
 
 from dsv3.eval.perplexity import (
     perplexity,
-    perplexity_by_length,
     plot_perplexity_by_length,
     window_perplexity,
 )
@@ -56,8 +55,8 @@ def test_uniform_model_has_perplexity_vocab_size():
 
 def test_perplexity_falls_with_context_length_as_predicted():
     model = CountsBack(warmup=4)
-    rows = {length: counting_rows(64 // length, length) for length in (8, 16, 32)}
-    got = perplexity_by_length(model, rows, batch_size=3)
+    windows = counting_rows(2, 32)
+    got = {length: window_perplexity(model, windows, length, batch_size=3)[0] for length in (8, 16, 32)}
     for length, value in got.items():
         assert value == pytest.approx(V ** (3 / (length - 1)), rel=1e-6)
     assert got[8] > got[16] > got[32]
@@ -82,8 +81,6 @@ def test_window_perplexity_cuts_each_window_and_states_its_noise():
 
 
 def test_bad_rows_are_refused():
-    with pytest.raises(ValueError, match="expected"):
-        perplexity_by_length(Uniform(), {8: torch.zeros(2, 4, dtype=torch.long)})
     with pytest.raises(ValueError, match="rows"):
         perplexity(Uniform(), torch.zeros(0, 4, dtype=torch.long))
 

@@ -62,18 +62,6 @@ def window_perplexity(model, windows: torch.Tensor, length: int, batch_size: int
     return math.exp(float(nats.mean())), se
 
 
-def perplexity_by_length(
-    model, rows_by_length: Mapping[int, torch.Tensor], batch_size: int = 8
-) -> dict[int, float]:
-    """{L: perplexity of the rows (N_L, L)} for each context length L."""
-    for length, rows in rows_by_length.items():
-        if rows.ndim != 2 or rows.shape[1] != length:
-            raise ValueError(
-                f"rows for length {length} have shape {tuple(rows.shape)}; expected (N, {length})"
-            )
-    return {length: perplexity(model, rows, batch_size) for length, rows in sorted(rows_by_length.items())}
-
-
 def plot_perplexity_by_length(
     curves: Mapping[str, Mapping[int, float]], path: Path, original_length: int
 ) -> Path:

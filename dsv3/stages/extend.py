@@ -274,8 +274,9 @@ def cached_evaluation(
     recipe: Recipe,
 ) -> dict:
     """Passkey accuracy per (length, depth), perplexity per length with the standard error of its log (nats) and
-    in-context copying (dsv3.eval.induction) of `model`, kept in `path` across resumes under the key of the evaluation's settings (dsv3.store.keyed: a
-    resume after a fix to the extend section measures again what that fix changed)."""
+    in-context copying (dsv3.eval.induction) of `model`, kept in `path` across resumes under the key of the
+    evaluation's settings (dsv3.store.keyed: a resume after a fix to the extend section measures again what that
+    fix changed)."""
     ext = recipe.extend
     settings = ext.model_dump(
         mode="json", include={"passkey_digits", "passkey_depths", "passkey_trials", "perplexity_lengths", "perplexity_tokens", "eval_batch_size"}

@@ -85,20 +85,13 @@ def fixed_hash(stage: Stage, recipe: Recipe, key: StageKey) -> str:
 
 def code_version() -> str:
     """The git commit of the code (with -dirty for local changes), or the package version outside git."""
-    here = Path(dsv3.__file__).parent
+
+    def git(*args: str) -> str:
+        here = Path(dsv3.__file__).parent
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        sha, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.CalledProcessError):
         return f"dsv3-{dsv3.__version__}"
