@@ -1,8 +1,10 @@
 """The pipeline's stages: each module `dsv3.stages.<name>` declares itself with one `STAGE = Stage(...)`
-(dsv3.store.stage: its sections, inputs, outputs, how its checks are measured, headline metrics and run); its recipe
-section and checks' thresholds are its entry in dsv3.config.STAGES. This package finds a stage's declaration by its
-name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage knows nothing of
-Prefect (docs/design.md, "Stages").
+(dsv3.store.stage: its sections, inputs, outputs, how its checks are measured, headline metrics and run); a built-in
+stage's recipe section and checks' thresholds are its entry in dsv3.config.STAGES, so that reading a recipe imports
+no stage module (torch). A stage declared outside dsv3 is one module whose `Stage` also carries its section and
+checks, added by `register`. This package finds a stage's
+declaration by its name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage knows
+nothing of Prefect (docs/design.md, "Stages").
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ REGISTERED: dict[str, Stage] = {}  # stages declared outside dsv3/stages/ (regis
 
 
 def register(stage: Stage) -> None:
-    """Add a stage declared outside dsv3/stages/ (a plugin's, a test's): it runs after the built-in stages, on the
-    recipe's existing sections, and has no checks beyond finite losses. `unregister` takes it away."""
+    """Add a stage declared outside dsv3/stages/ (a plugin's, a test's): it runs after the built-in stages, and its
+    `section` and `checks_section` join the recipe schema as `<name>:` and `checks.<name>:`. `unregister` takes it
+    away."""
+    config.add_stage_schema(
+        stage.name, config.StageSchema(stage.section, stage.checks_section, stage.section_on_by_default)
+    )
     REGISTERED[stage.name] = stage
-    if stage.name not in config.REGISTERED:
-        config.REGISTERED.append(stage.name)
 
 
 def unregister(name: str) -> None:
     REGISTERED.pop(name, None)
-    if name in config.REGISTERED:
-        config.REGISTERED.remove(name)
+    config.remove_stage_schema(name)
 
 
 def available_stages() -> list[str]:
