@@ -719,6 +719,9 @@ MOVED = {
 
 
 def validate_recipe(raw: dict[str, Any]) -> Recipe:
+    from dsv3.stages import discover  # imports no built-in stage (torch)
+
+    discover()  # the `dsv3.stages` entry points, once
     for (section, key), where in MOVED.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise RecipeError(f"{section}.{key}: moved — {where}")
