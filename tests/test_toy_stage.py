@@ -16,7 +16,7 @@ from dsv3.errors import StageFailed
 from dsv3.stages import register, run_stage, unregister
 from dsv3.store import Stage, StageResult, metric
 from dsv3.store.manifest import read_manifest
-from dsv3.store.runs import run_root
+from dsv3.store.runs import run_root, variant_name
 from dsv3.tracking import tracking_uri
 from flows.pipeline import pipeline
 from tests.conftest import RECIPES
@@ -100,6 +100,16 @@ def test_a_stage_declared_in_one_file_runs_through_the_flow(toy, runs_dir):
     failed = r"^stage toy failed its health check checks\.toy\.min_tokens: measured \d+, needs ≥ 1000$"
     with pytest.raises(StageFailed, match=failed):
         run_stage("toy", strict, runs_dir)
+
+
+def test_a_registered_stage_renames_no_run_that_does_not_use_it():
+    without = variant_name(load_recipe(RECIPES / "smoke.yaml"))
+    register(STAGE)
+    try:
+        assert variant_name(load_recipe(RECIPES / "smoke.yaml")) == without
+        assert variant_name(load_recipe(RECIPES / "smoke.yaml", STAGES)) != without
+    finally:
+        unregister(STAGE.name)
 
 
 def test_its_section_is_validated_like_a_built_in_one(toy):
