@@ -503,17 +503,19 @@ class RlChecks(Section):
 
 
 class StageSchema(NamedTuple):
-    """What a recipe says about one stage: its own section and the thresholds of its health checks."""
+    """What a recipe says about one stage: its own section and the thresholds of its health checks (None: a
+    registered stage without them)."""
 
-    section: type[Section]
-    checks: type[Section]
+    section: type[Section] | None
+    checks: type[Section] | None
     on_by_default: bool = False  # the section is there unless the recipe sets it null (else null until it is set)
 
 
-# The stages' recipe schema, in pipeline order: the one list of stages, kept here (pydantic and yaml only) so that
-# reading a recipe or `dsv3 --help` imports no stage module (they import torch). Everything else about a stage —
-# its sections, inputs, outputs, how its checks are measured, headline metrics and run — its module declares
-# (`STAGE = Stage(...)` in dsv3/stages/<name>.py; docs/design.md, "Stages").
+# The built-in stages' recipe schema, in pipeline order, kept here (pydantic and yaml only) so that reading a recipe
+# or `dsv3 --help` imports no stage module (they import torch). Everything else about a stage — its sections, inputs,
+# outputs, how its checks are measured, headline metrics and run — its module declares (`STAGE = Stage(...)` in
+# dsv3/stages/<name>.py). A stage declared outside dsv3 carries its section and checks in its `Stage` and joins the
+# schema when registered (add_stage_schema; docs/design.md, "Stages").
 STAGES: dict[str, StageSchema] = {
     "tokenizer": StageSchema(TokenizerSection, TokenizerChecks, on_by_default=True),
     "pretrain": StageSchema(PretrainSection, PretrainChecks),
@@ -523,7 +525,7 @@ STAGES: dict[str, StageSchema] = {
     "rl": StageSchema(RlSection, RlChecks),
 }
 STAGE_ORDER = tuple(STAGES)
-REGISTERED: list[str] = []  # stages declared outside dsv3/stages/ (dsv3.stages.register), after the built-in ones
+REGISTERED: dict[str, StageSchema] = {}  # stages declared outside dsv3/stages/ (dsv3.stages.register)
 
 
 def stage_order() -> tuple[str, ...]:
@@ -537,14 +539,22 @@ class ChecksBase(Section):
     )
 
 
-ChecksSection = create_model(
-    "ChecksSection",
-    __base__=ChecksBase,
-    __doc__="""Health checks a stage must pass to count as completed (dsv3.store.health): checks.<stage> of each
-    stage of STAGES. Every stage also needs finite losses. Not part of any stage's key: changing a threshold re-judges
-    a finished stage without rerunning it.""",
-    **{name: (schema.checks, Field(default_factory=schema.checks)) for name, schema in STAGES.items()},
-)
+def _checks_section() -> type[ChecksBase]:
+    return create_model(
+        "ChecksSection",
+        __base__=ChecksBase,
+        __doc__="""Health checks a stage must pass to count as completed (dsv3.store.health): checks.<stage> of each
+        stage of STAGES and REGISTERED. Every stage also needs finite losses. Not part of any stage's key: changing a
+        threshold re-judges a finished stage without rerunning it.""",
+        **{
+            name: (schema.checks, Field(default_factory=schema.checks))
+            for name, schema in {**STAGES, **REGISTERED}.items()
+            if schema.checks
+        },
+    )
+
+
+ChecksSection = _checks_section()
 
 
 class PipelineSection(Section):
@@ -567,7 +577,7 @@ class PipelineSection(Section):
 
 
 class RecipeBase(Section):
-    """What a recipe holds besides the stages' own sections (Recipe adds those from STAGES)."""
+    """What a recipe holds besides the stages' own sections (Recipe adds those from STAGES and REGISTERED)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="letters, digits, _ . -")
     variant: str | None = Field(
@@ -611,15 +621,46 @@ class RecipeBase(Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-Recipe = create_model(
-    "Recipe",
-    __base__=RecipeBase,
-    __doc__="A whole recipe: a name (the run folder under runs/), a seed, the shared sections and one section per stage.",
-    **{
-        name: (schema.section, Field(default_factory=schema.section)) if schema.on_by_default else (schema.section | None, None)
-        for name, schema in STAGES.items()
-    },
-)
+def _recipe(checks: type[ChecksBase]) -> type[RecipeBase]:
+    return create_model(
+        "Recipe",
+        __base__=RecipeBase,
+        __doc__="A whole recipe: a name (the run folder under runs/), a seed, the shared sections and one section per stage.",
+        checks=(checks, Field(default_factory=checks)),
+        **{
+            name: (schema.section, Field(default_factory=schema.section)) if schema.on_by_default else (schema.section | None, None)
+            for name, schema in {**STAGES, **REGISTERED}.items()
+            if schema.section
+        },
+    )
+
+
+Recipe = _recipe(ChecksSection)
+
+
+def add_stage_schema(name: str, schema: StageSchema) -> None:
+    """Add (or replace) the schema of a stage declared outside dsv3/stages/ (dsv3.stages.register): its name after
+    the built-in stages, its section `<name>:` and its thresholds `checks.<name>:`. Rebuilds Recipe and ChecksSection:
+    read them as `config.Recipe`, not imported by value."""
+    if name in STAGES or name in RecipeBase.model_fields:
+        raise ValueError(f"stage {name!r}: taken by a built-in stage or recipe key; name it otherwise")
+    for part in (schema.section, schema.checks):
+        if part is not None and not (isinstance(part, type) and issubclass(part, Section)):
+            raise ValueError(f"stage {name!r}: its section and checks must be Section classes, got {part!r}")
+    REGISTERED[name] = schema
+    _rebuild()
+
+
+def remove_stage_schema(name: str) -> None:
+    """Take a registered stage's schema away again."""
+    if REGISTERED.pop(name, None) is not None:
+        _rebuild()
+
+
+def _rebuild() -> None:
+    global ChecksSection, Recipe
+    ChecksSection = _checks_section()
+    Recipe = _recipe(ChecksSection)
 
 
 # Settings that decide where and how a run computes, not what it computes (the same global batch, the same loss up
@@ -678,6 +719,9 @@ MOVED = {
 
 
 def validate_recipe(raw: dict[str, Any]) -> Recipe:
+    from dsv3.stages import discover  # imports no built-in stage (torch)
+
+    discover()  # the `dsv3.stages` entry points, once
     for (section, key), where in MOVED.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise RecipeError(f"{section}.{key}: moved — {where}")

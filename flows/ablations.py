@@ -47,7 +47,7 @@ from dsv3.ablation_report import (
     plot_curves,
     plot_maxvio,
 )
-from dsv3.config import Recipe, flatten, load_recipe
+from dsv3.config import Recipe, flatten, load_recipe, validate_recipe
 from dsv3.errors import StageFailed
 from dsv3.html_page import markdown_to_html
 from dsv3.stages import pretrain
@@ -68,7 +68,7 @@ def arm_stage_task(
     stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str, tags: dict[str, str]
 ) -> dict[str, Any]:
     """Run one stage of one (arm, seed) through the manifest runner, nested in that seed's MLflow run."""
-    parsed = Recipe.model_validate(recipe)
+    parsed = validate_recipe(recipe)
     tracker = Tracker(runs_dir, experiment=EXPERIMENT)
     tracker.parent_id = parent_run_id
     result = run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of ablation arm {parsed.name}, seed {parsed.seed}")

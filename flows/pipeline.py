@@ -40,7 +40,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
-from dsv3.config import STAGE_ORDER, Recipe, flatten, load_recipe
+from dsv3.config import STAGE_ORDER, Recipe, flatten, load_recipe, validate_recipe
 from dsv3.errors import StageFailed, classify
 from dsv3.report import report_markdown, write_report
 from dsv3.stages import get_stage, headline, run_stage
@@ -111,7 +111,7 @@ def retry_crashes_only(task, task_run, state: State) -> bool:
 @task(persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=retry_crashes_only)
 def stage_task(stage: str, recipe: dict[str, Any], runs_dir: str, parent_run_id: str | None) -> dict[str, Any]:
     """Run one stage through the manifest runner, inside the pipeline's MLflow parent run."""
-    parsed = Recipe.model_validate(recipe)
+    parsed = validate_recipe(recipe)
     tracker = Tracker(runs_dir, experiment=f"dsv3-{parsed.name}")
     tracker.parent_id = parent_run_id
     return run_and_publish(stage, parsed, runs_dir, tracker, f"{stage} stage of {parsed.name}/{variant_name(parsed)}")

@@ -1,13 +1,17 @@
 """The pipeline's stages: each module `dsv3.stages.<name>` declares itself with one `STAGE = Stage(...)`
-(dsv3.store.stage: its sections, inputs, outputs, how its checks are measured, headline metrics and run); its recipe
-section and checks' thresholds are its entry in dsv3.config.STAGES. This package finds a stage's declaration by its
-name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage knows nothing of
-Prefect (docs/design.md, "Stages").
+(dsv3.store.stage: its sections, inputs, outputs, how its checks are measured, headline metrics and run); a built-in
+stage's recipe section and checks' thresholds are its entry in dsv3.config.STAGES, so that reading a recipe imports
+no stage module (torch). A stage declared outside dsv3 is one module whose `Stage` also carries its section and
+checks, added by `register` or found through the entry-point group `dsv3.stages`. This package finds a stage's
+declaration by its name; the store (dsv3.store.runner) decides whether to skip, resume or rerun it, and a stage knows
+nothing of Prefect (docs/design.md, "Stages").
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -15,21 +19,43 @@ from dsv3 import config
 from dsv3.errors import InputError
 from dsv3.store.stage import Stage
 
+ENTRY_POINTS = "dsv3.stages"  # an installed package's stages: name = the stage's name, value = "module:STAGE"
 REGISTERED: dict[str, Stage] = {}  # stages declared outside dsv3/stages/ (register), by name
 
 
 def register(stage: Stage) -> None:
-    """Add a stage declared outside dsv3/stages/ (a plugin's, a test's): it runs after the built-in stages, on the
-    recipe's existing sections, and has no checks beyond finite losses. `unregister` takes it away."""
+    """Add a stage declared outside dsv3/stages/ (a plugin's, a test's): it runs after the built-in stages, and its
+    `section` and `checks_section` join the recipe schema as `<name>:` and `checks.<name>:`. `unregister` takes it
+    away."""
+    config.add_stage_schema(
+        stage.name, config.StageSchema(stage.section, stage.checks_section, stage.section_on_by_default)
+    )
     REGISTERED[stage.name] = stage
-    if stage.name not in config.REGISTERED:
-        config.REGISTERED.append(stage.name)
 
 
 def unregister(name: str) -> None:
     REGISTERED.pop(name, None)
-    if name in config.REGISTERED:
-        config.REGISTERED.remove(name)
+    config.remove_stage_schema(name)
+
+
+@functools.cache
+def discover() -> None:
+    """Register the stages installed packages publish under the entry-point group `dsv3.stages`; once per process,
+    when a recipe is first validated (dsv3.config.validate_recipe). One that cannot be loaded is a RecipeError naming
+    its entry point (and is tried again next time)."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        where = f"entry point {entry.name} = {entry.value} (group {ENTRY_POINTS}, package {entry.dist.name})"
+        try:
+            stage = entry.load()
+        except Exception as err:  # a plugin's own bug or missing dependency: one line, not its traceback
+            why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            raise config.RecipeError(f"{where}: cannot load it ({why}); mend or uninstall it") from None
+        if not isinstance(stage, Stage) or stage.name != entry.name:
+            raise config.RecipeError(f"{where}: must name a dsv3.store.Stage called {entry.name!r}")
+        try:
+            register(stage)
+        except ValueError as err:  # a name or section add_stage_schema refuses
+            raise config.RecipeError(f"{where}: {err}") from None
 
 
 def available_stages() -> list[str]:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsv3 import config
 from dsv3.config import STAGE_ORDER, Recipe, flatten, is_hardware, without_hardware
 from dsv3.errors import InputError
 from dsv3.io import write_json_atomic
@@ -37,8 +38,11 @@ STORE, LATEST, RUN_INFO, CACHE = "stages", "latest", "run.json", "cache"
 
 def recipe_digest(recipe: Recipe) -> str:
     """Six hex digits of sha256 over everything the recipe resolves to (its name and variant label aside, and its
-    HARDWARE settings: devices, strategy, ... do not make another variant)."""
-    payload = recipe.model_dump(mode="json", exclude={"name", "variant", "overrides"})
+    HARDWARE settings: devices, strategy, ... do not make another variant). A registered stage the recipe does not
+    run is left out, so installing a plugin renames no run."""
+    unused = {name for name in config.REGISTERED if name not in recipe.pipeline.stages}
+    payload = recipe.model_dump(mode="json", exclude={"name", "variant", "overrides", *unused})
+    payload["checks"] = {name: value for name, value in payload["checks"].items() if name not in unused}
     payload = {name: without_hardware(name, section) for name, section in payload.items()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:6]
 

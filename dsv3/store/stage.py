@@ -1,8 +1,8 @@
 """What the store runs: a stage's declaration (`Stage`) and what its run hands back (`StageResult`).
 
-A stage module (`dsv3/stages/<name>.py`) exports one `STAGE = Stage(...)`: the recipe sections hashed into its key,
-the stages it reads, its outputs, its health checks and headline metrics, and its `run`. The store runs any
-`Stage` it is handed and imports no stage itself (docs/design.md, "Layers").
+A stage module (`dsv3/stages/<name>.py`, or a plugin's module) exports one `STAGE = Stage(...)`: the recipe sections
+hashed into its key, the stages it reads, its outputs, its health checks and headline metrics, and its `run`. The store
+runs any `Stage` it is handed and imports no stage itself (docs/design.md, "Layers").
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dsv3.config import Section
 
 Measure = Callable[[dict], "float | None"]
 
@@ -55,6 +58,10 @@ class Stage:
     tunable   sections a diverged run may change and still resume from its last checkpoint
     data_files  recipe -> the local files it reads (their content is part of its key)
     note      one line the report card prints under its metrics (what a number means where it could mislead)
+    section   a stage declared outside dsv3/stages/: its recipe section `<name>:`, a dsv3.config.Section class
+              (a built-in stage's is its entry in dsv3.config.STAGES); null in a recipe until set, unless
+              section_on_by_default
+    checks_section  the same for the thresholds `checks.<name>.<field>` that `checks` measures
     """
 
     name: str
@@ -67,6 +74,9 @@ class Stage:
     tunable: tuple[str, ...] = ()
     data_files: Callable[[Any], list[str]] | None = None
     note: str = ""
+    section: type[Section] | None = None
+    checks_section: type[Section] | None = None
+    section_on_by_default: bool = False
 
     def upstream(self, recipe) -> tuple[str, ...]:
         """The stages it reads for this recipe."""
