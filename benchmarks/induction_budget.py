@@ -77,12 +77,13 @@ def main() -> None:
     parser.add_argument("--hi", type=int, default=96)
     parser.add_argument("--pool", type=int, default=0, help="xx: draw from the first N token ids (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a tiny.yaml override (model.*)")
     args = parser.parse_args()
     if not args.tokenizer.is_file():
         raise SystemExit(f"{args.tokenizer} does not exist: run `dsv3 run --recipe recipes/tiny.yaml --until tokenizer`")
 
     torch.manual_seed(args.seed)
-    recipe = load_recipe("recipes/tiny.yaml")
+    recipe = load_recipe("recipes/tiny.yaml", args.set)
     tokenizer = Tokenizer.from_file(str(args.tokenizer))
     rows = args.steps * args.batch
     if args.data == "copy":
@@ -128,7 +129,7 @@ def main() -> None:
         update_router_biases(model.moe_gates(), load, recipe.pretrain.bias_update_speed)
         losses.append(out.loss.item())
 
-    print(f"\n{args.data} data, batch {args.batch} × {args.seq_len}, LR {args.lr}\n")
+    print(f"\n{args.data} data, batch {args.batch} × {args.seq_len}, LR {args.lr} {' '.join(args.set)}\n")
     print("| " + " | ".join(table[0]) + " |")
     print("|" + "---:|" * len(table[0]))
     for row in table:
