@@ -529,7 +529,10 @@ REGISTERED: dict[str, StageSchema] = {}  # stages declared outside dsv3/stages/ 
 
 
 def stage_order() -> tuple[str, ...]:
-    """Every stage a recipe may name, in order: STAGE_ORDER, then the registered ones."""
+    """Every stage a recipe may name, in order: STAGE_ORDER, then the registered ones (installed plugins' included)."""
+    from dsv3.stages import discover  # imports no built-in stage (torch)
+
+    discover()
     return STAGE_ORDER + tuple(REGISTERED)
 
 

@@ -3,9 +3,9 @@
 It reads only what the stages left behind — each stage's manifest (`stage.json`: status, times, attempts,
 metrics, the plots it wrote) — so it can be written at any moment: for a run that finished, failed, or is
 still going. Layout: the environment (code version, hardware, libraries), a summary table, then one
-section per stage of STAGE_ORDER with its status, time, tokens, every metric and its plots. A stage with
-no manifest is shown as *not run* (e.g. past `--until`), one whose manifest cannot be read as **missing**, one
-that did not complete as **running** or **failed**, and none of them gets numbers: an absent metric is never a
+section per stage (built-in, or registered and run) with its status, time, tokens, every metric and its plots. A
+stage with no manifest is shown as *not run* (e.g. past `--until`), one whose manifest cannot be read as
+**missing**, one that did not complete as **running** or **failed**, and none of them gets numbers: an absent metric is never a
 zero.
 
 report.md links the plots relative to the run folder (it sits there); report.html (dsv3.html_page) embeds them as
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from dsv3.config import STAGE_ORDER, load_recipe
+from dsv3.config import STAGE_ORDER, load_recipe, stage_order
 from dsv3.eval.harness import read_results
 from dsv3.html_page import IMAGE_TYPES, markdown_to_html
 from dsv3.io import write_text_atomic
@@ -68,7 +68,7 @@ def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     path = Path(run)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         run = load_recipe(path).name
-    if path.is_dir() and any((path / name / MANIFEST_NAME).is_file() for name in STAGE_ORDER):
+    if path.is_dir() and any((path / name / MANIFEST_NAME).is_file() for name in stage_order()):
         return path
     return resolve_run(run, runs_dir)
 
@@ -95,7 +95,7 @@ def trained(run_dir: Path) -> list[tuple[str, str]]:
             ("model", _model_shape(config)),
             ("parameters", f"{_count(counts['total'])} total, {_count(counts['active'])} active per token, MTP {_count(counts['mtp'])}"),
         ]
-    for name in STAGE_ORDER:
+    for name in stage_order():
         manifest = read_manifest(run_dir / name)
         tokens = (manifest.metrics.get("tokens") or manifest.metrics.get("tokens_trained")) if manifest else None
         if tokens:
@@ -105,7 +105,7 @@ def trained(run_dir: Path) -> list[tuple[str, str]]:
 
 def model_config(run_dir: Path) -> DSV3Config | None:
     """The trained model's config (the latest model folder of the run), or None before pretraining finished."""
-    for name in reversed(STAGE_ORDER):
+    for name in reversed(stage_order()):
         path = run_dir / name / "model" / "config.json"
         if path.is_file() and json.loads(path.read_text()).get("model_type") == "dsv3":
             return DSV3Config.from_json_file(path)
@@ -130,11 +130,14 @@ def _count(n: float) -> str:
 
 
 def stage_views(run_dir: Path) -> list[StageView]:
-    """Every stage of STAGE_ORDER, in order, with its manifest where it has a readable one."""
+    """Every built-in stage and every registered one the run has, in order, with its manifest where it has a readable
+    one."""
     built = set(available_stages())
     views = []
-    for name in STAGE_ORDER:
+    for name in stage_order():
         path = Path(run_dir) / name / MANIFEST_NAME
+        if name not in STAGE_ORDER and not path.parent.exists():
+            continue  # a plugin's stage this run does not have
         manifest = read_manifest(path.parent)
         views.append(StageView(name, manifest, name in built, path.is_file() and manifest is None))
     return views
@@ -223,7 +226,7 @@ def compare_markdown(a: RunView, b: RunView, plain: bool = False) -> str:
         "| stage | metric | A | B | B − A |",
         "|---|---|--:|--:|--:|",
     ]
-    for stage in STAGE_ORDER:
+    for stage in stage_order():
         ma, mb = a.manifests.get(stage), b.manifests.get(stage)
         shown_a = headline(stage, ma.metrics) if ma else {}
         shown_b = headline(stage, mb.metrics) if mb else {}
@@ -267,7 +270,7 @@ def compare_curves_and_links(a: RunView, b: RunView, runs_dir: Path, image: Path
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write `report.md` and `report.html` into `run_dir` (each atomically); returns their paths."""
     run_dir = Path(run_dir).resolve()
-    if not any((run_dir / name / MANIFEST_NAME).is_file() for name in STAGE_ORDER):
+    if not any((run_dir / name / MANIFEST_NAME).is_file() for name in stage_order()):
         raise ValueError(
             f"{run_dir}: no stage manifest (<stage>/{MANIFEST_NAME}) found; run the pipeline first "
             "(dsv3 run --recipe RECIPE) or point at runs/<recipe>"

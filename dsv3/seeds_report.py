@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv3.config import STAGE_ORDER
+from dsv3.config import stage_order
 from dsv3.io import write_text_atomic
 from dsv3.stages import headline
 from dsv3.store.manifest import read_manifest
@@ -43,7 +43,7 @@ class SeedRun:
 def read_seed_run(seed: int, root: Path) -> SeedRun:
     """The headline metrics of every completed stage under `root`, and the stages that ran without completing."""
     metrics, failed = {}, {}
-    for stage in STAGE_ORDER:
+    for stage in stage_order():
         manifest = read_manifest(root / stage)
         if manifest is None:
             continue
@@ -83,7 +83,7 @@ class MetricRow(PerSeed):
 def metric_rows(runs: list[SeedRun]) -> list[MetricRow]:
     """One row per (stage, headline metric) any seed has, in stage order then headline order."""
     rows = []
-    for stage in STAGE_ORDER:
+    for stage in stage_order():
         names: list[str] = []
         for run in runs:
             names += [m for m in run.metrics.get(stage, {}) if m not in names]

@@ -88,6 +88,9 @@ def test_a_stage_declared_in_one_file_runs_through_the_flow(toy, runs_dir):
         if "mlflow.parentRunId" not in r.data.tags
     ]  # fmt: skip
     assert parent.data.metrics["toy/toy_tokens"] == manifest.metrics["toy_tokens"] > 0
+    card = (run_root(runs_dir, recipe) / "report.md").read_text()  # on the report card like a built-in stage
+    (row,) = [line for line in card.splitlines() if line.startswith("| [toy](#stage-toy) | completed |")]
+    assert "toy_tokens" in row and "## Stage: toy" in card
 
     edited = STAGES + ["toy.sentence=a b"]  # its section is in its key: it reruns, the tokenizer does not
     assert run_flow(runs_dir, edited) == [("tokenizer", "skipped"), ("toy", "ran")]

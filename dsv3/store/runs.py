@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsv3 import config
-from dsv3.config import STAGE_ORDER, Recipe, flatten, is_hardware, without_hardware
+from dsv3.config import Recipe, flatten, is_hardware, stage_order, without_hardware
 from dsv3.errors import InputError
 from dsv3.io import write_json_atomic
 from dsv3.store.health import Check
@@ -147,7 +147,7 @@ class RunView:
 
 
 def view(root: Path) -> RunView:
-    stages = [s for s in STAGE_ORDER if (root / s).exists()]
+    stages = [s for s in stage_order() if (root / s).exists()]
     return RunView(root, read_run_info(root), {s: read_manifest(root / s) for s in stages})
 
 
