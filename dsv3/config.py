@@ -494,6 +494,9 @@ class RewardChecks(Section):
     min_pair_accuracy: float = Field(
         0.6, ge=0, le=1, description="held-out pairs ranked right (chance 0.5; 0.6 is 2 standard errors above it on 100 pairs)"
     )
+    min_broken_format_accuracy: float | None = Field(
+        None, ge=0, le=1, description="held-out pairs whose rejected answer breaks \\boxed{} ranked right (null = not checked)"
+    )
 
 
 class RlChecks(Section):

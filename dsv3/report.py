@@ -5,8 +5,8 @@ metrics, the plots it wrote) — so it can be written at any moment: for a run t
 still going. Layout: the environment (code version, hardware, libraries), a summary table, then one
 section per stage (built-in, or registered and run) with its status, time, tokens, every metric and its plots. A
 stage with no manifest is shown as *not run* (e.g. past `--until`), one whose manifest cannot be read as
-**missing**, one that did not complete as **running** or **failed**, and none of them gets numbers: an absent metric is never a
-zero.
+**missing**, one that did not complete as **running** or **failed**, and none of them gets numbers: an absent metric
+is never a zero.
 
 report.md links the plots relative to the run folder (it sits there); report.html (dsv3.html_page) embeds them as
 base64 data URIs, so the one file can be mailed or attached to an MLflow run. Text from manifests is escaped: in the

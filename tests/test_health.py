@@ -54,6 +54,8 @@ def test_each_stage_checks_its_own_metric():
     assert not verdicts("tokenizer", {"bytes_per_token_validation": 1.1})["checks.tokenizer.min_bytes_per_token"]
     assert not verdicts("extend", {"ppl_change_at_original_length": 0.3})["checks.extend.max_ppl_increase"]
     assert not verdicts("reward", {"heldout_pair_accuracy": 0.5})["checks.reward.min_pair_accuracy"]
+    reward = verdicts("reward", {"heldout_pair_accuracy": 0.7, "heldout_pair_accuracy_broken_format": 0.775})
+    assert reward["checks.reward.min_pair_accuracy"] and not reward["checks.reward.min_broken_format_accuracy"]
     assert not verdicts("rl", {"rollout_truncated_rate": 1.0})["checks.rl.max_truncated_rate"]
     assert verdicts("rl", {"rollout_truncated_rate": 0.2})["checks.rl.max_truncated_rate"]
 

@@ -303,6 +303,9 @@ STAGE = Stage(
     sections=("reward",),
     inputs=("sft",),
     outputs=(OUTPUT,),
-    checks={"min_pair_accuracy": metric("heldout_pair_accuracy")},
+    checks={
+        "min_pair_accuracy": metric("heldout_pair_accuracy"),
+        "min_broken_format_accuracy": metric("heldout_pair_accuracy_broken_format"),
+    },
     headline=("heldout_pair_accuracy", "heldout_pair_accuracy_before", "train_loss_final"),
 )  # fmt: skip
